@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llava-mini",
+    version="0.1.0",
+    description="Fused Triton kernels and a reference implementation of LLaVA-Mini (one vision token per image)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["llava_mini", "llava_mini.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "transformers>=5.0,<6",
+        "safetensors",
+        "einops",
+        "numpy",
+        "pillow",
+        "nvidia-ml-py",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "av"],
+        "video": ["av"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["llava-mini=llava_mini.cli:main"]},
+)
