@@ -38,7 +38,11 @@ class Resampler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        return compress_ref(
+        if backend.get_backend() == "triton":
+            from llava_mini.kernels.compress.op import compress as run
+        else:
+            run = compress_ref
+        return run(
             x, self.query, self.pos_embed,
             self.attn.in_proj_weight, self.attn.in_proj_bias,
             self.attn.out_proj.weight, self.attn.out_proj.bias,

@@ -1,0 +1,342 @@
+"""LLaVA-Mini on transformers parts: CLIP, compressor, projector, pre-fusion layers and a Llama LLM."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModel, LlamaForCausalLM
+
+from llava_mini.kernels import backend as backends
+from llava_mini.lmm import processing
+from llava_mini.lmm.compressor import Resampler
+from llava_mini.lmm.config import IMAGE_TOKEN_INDEX, LlavaMiniConfig
+from llava_mini.lmm.generation import LLMInput, generate
+from llava_mini.lmm.prefusion import PreFusion, Prefix
+
+
+@dataclass
+class Savings:
+    """The exact structural savings of pre-fusion; all off gives the released computation.
+
+    prefix_split: run the vision + compressed rows once (a ``Prefix``), then only the text rows.
+    prune_last_layer: the last pre-fusion layer computes only the rows that are used.
+    batch_frames: video frames go through the model in batched chunks, not one at a time.
+    frame_budget_bytes: activation memory one chunk of frames may use (sizes the chunks).
+    """
+
+    prefix_split: bool = True
+    prune_last_layer: bool = True
+    batch_frames: bool = True
+    frame_budget_bytes: int = 4 << 30
+
+
+@contextlib.contextmanager
+def default_dtype_and_device(dtype, device):
+    old = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class LlavaMini(nn.Module):
+    """LLaVA-Mini: one (C x C) vision token per image for the LLM, vision fused into text beforehand.
+
+    Build from a config or a preset (``LlavaMini.from_preset("tiny")``), or load a local checkpoint
+    in the released layout (``LlavaMini.from_pretrained(dir)``). Run images, HD images and videos
+    with ``encode`` (what the LLM receives) and ``generate``. ``set_backend`` picks the path of
+    the hot operations ("torch" reference, "sdpa", "triton", "flash_attn").
+    """
+
+    def __init__(self, config: LlavaMiniConfig, savings: Savings | None = None):
+        super().__init__()
+        if not isinstance(config, LlavaMiniConfig):
+            raise TypeError(f"config: expected a LlavaMiniConfig, got {type(config).__name__}")
+        self.config = config
+        self.savings = savings or Savings()
+        self._backend: str | None = None
+        self.tokenizer = None
+        text_config = config.text_config()
+        text_config._attn_implementation = "eager"
+        self.vision_tower = CLIPVisionModel(config.vision_config())
+        dv, d = config.vision["hidden_size"], text_config.hidden_size
+        self.compressor = Resampler(config.compressor_size, dv, config.compressor_heads)
+        self.mm_projector = nn.Sequential(nn.Linear(dv, d), nn.GELU(), nn.Linear(d, d))
+        self.llm = LlamaForCausalLM(text_config)
+        # The pre-fusion layers share the LLM's config object: one attention switch for both.
+        self.prefusion = PreFusion(self.llm.config, config.prefusion_layers)
+
+    # --- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, dtype: torch.dtype | None = None, device=None, **overrides) -> "LlavaMini":
+        """A randomly initialised model of preset ``name`` (see ``LlavaMiniConfig.presets()``)."""
+        config = LlavaMiniConfig.from_preset(name, **overrides)
+        with default_dtype_and_device(dtype, device):
+            model = cls(config)
+        return model.to(dtype=dtype).eval() if dtype is not None else model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, strict: bool = True) -> "LlavaMini":
+        """Load a local directory in the released layout (config.json + sharded safetensors)."""
+        from llava_mini.lmm.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict)
+
+    def save_pretrained(self, path, max_shard_bytes: int = 2 << 30) -> None:
+        """Write the released layout: config.json, safetensors shards and their index (and the tokenizer)."""
+        from llava_mini.lmm.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mm_projector[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mm_projector[0].weight.dtype
+
+    # --- backend ---------------------------------------------------------------------------------
+    def set_backend(self, name: str | None) -> "LlavaMini":
+        """Pick this model's backend ("torch", "sdpa", "triton", "flash_attn"; None follows the default)."""
+        self._backend = None if name is None else backends.validate(name)
+        return self
+
+    @contextlib.contextmanager
+    def backend_scope(self, backend: str | None = None):
+        """Run a block on ``backend`` (else this model's, else the process default/environment)."""
+        name = backends.validate(backend) if backend is not None else (self._backend or backends.get_backend())
+        previous = self.llm.config._attn_implementation
+        self.llm.config._attn_implementation = backends.attn_implementation(name)
+        try:
+            with backends.use_backend(name):
+                yield name
+        finally:
+            self.llm.config._attn_implementation = previous
+
+    # --- stages ------------------------------------------------------------------------------------
+    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """CLIP features of crops [n, 3, S, S]: the chosen hidden state without CLS, [n, N, Dv]."""
+        out = self.vision_tower(pixels.to(self.device, self.dtype), output_hidden_states=True)
+        return out.hidden_states[self.config.vision_feature_layer][:, 1:]
+
+    def embed_vision(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels -> (projected vision tokens [B, Nv, d], projected compressed tokens [B, C^2, d]).
+
+        Standard: Nv = N. HD (ratio r): the r x r crops' features are tiled into one (r*grid)^2 map,
+        compressed, and Nv = r^2 N + N (tiled crops, then the global view), as released.
+        """
+        self.check_pixels(pixels)
+        r = self.config.resolution_ratio
+        if r == 1:
+            feats = self.vision_features(pixels)
+            return self.mm_projector(feats), self.mm_projector(self.compressor(feats))
+        b, g = pixels.shape[0], self.config.grid
+        feats = self.vision_features(pixels.flatten(0, 1)).view(b, r * r + 1, g * g, -1)
+        crops = feats[:, :-1].reshape(b, r, r, g, g, -1).transpose(2, 3).reshape(b, r * g * r * g, -1)
+        vision = torch.cat([self.mm_projector(crops), self.mm_projector(feats[:, -1])], dim=1)
+        return vision, self.mm_projector(self.compressor(crops))
+
+    def check_pixels(self, pixels) -> None:
+        s, r = self.config.crop_size, self.config.resolution_ratio
+        want = [3, s, s] if r == 1 else [r * r + 1, 3, s, s]
+        if not isinstance(pixels, torch.Tensor) or list(pixels.shape[1:]) != want or pixels.dim() != len(want) + 1:
+            got = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise ValueError(f"images: expected pixel values [B, {', '.join(map(str, want))}], got {got}")
+
+    def prepare_images(self, images) -> torch.Tensor:
+        """Images (PIL, numpy, tensors [3, H, W], paths) or ready pixel values -> pixel values on device."""
+        if isinstance(images, torch.Tensor) and images.dim() in (4, 5) and images.shape[-1] == self.config.crop_size \
+                and images.shape[-2] == self.config.crop_size and images.dim() == (4 if self.config.resolution_ratio == 1 else 5):
+            pixels = images
+        else:
+            pixels = processing.preprocess_images(images, self.config.crop_size, self.config.resolution_ratio)
+        self.check_pixels(pixels)
+        return pixels.to(self.device, self.dtype)
+
+    def prepare_video(self, video, fps: float = 1.0, max_frames: int | None = 1000) -> torch.Tensor:
+        """A video file or a list of frames -> frame pixel values [T, 3, S, S] on device."""
+        if self.config.resolution_ratio != 1:
+            raise ValueError("video: the HD model (resolution_ratio > 1) takes images, not videos")
+        return processing.preprocess_video(video, self.config.crop_size, fps, max_frames).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def prefix(self, images=None, video=None, fps: float = 1.0, max_frames: int | None = 1000,
+               backend: str | None = None) -> Prefix:
+        """The text-independent pre-fusion of images (one row each) or of one video's frames.
+
+        Keep it and pass it as ``prefix=`` to ``encode``/``generate``: further questions about the
+        same images then run pre-fusion over their text only.
+        """
+        if (images is None) == (video is None):
+            raise ValueError("prefix: give exactly one of images= or video=")
+        with self.backend_scope(backend):
+            if video is not None:
+                return self.prefix_frames(self.prepare_video(video, fps, max_frames))
+            return self.prefusion.prefix(*self.embed_vision(self.prepare_images(images)),
+                                         prune_last_layer=self.savings.prune_last_layer)
+
+    def prefix_frames(self, frames: torch.Tensor) -> Prefix:
+        chunk = self.frame_chunk() if self.savings.batch_frames else 1
+        return Prefix.cat([self.prefusion.prefix(*self.embed_vision(frames[i:i + chunk]),
+                                                 prune_last_layer=self.savings.prune_last_layer)
+                           for i in range(0, frames.shape[0], chunk)])
+
+    def frame_chunk(self) -> int:
+        """Frames per batched launch: the activation budget over a per-frame estimate."""
+        t, v = self.config.text, self.config.vision
+        itemsize = torch.finfo(self.dtype).bits // 8
+        rows = self.config.num_patches + self.config.tokens_per_image
+        kv = 2 * max(self.config.prefusion_layers, 1) * t["num_key_value_heads"] * (t["hidden_size"] // t["num_attention_heads"])
+        prefusion = rows * (kv + 4 * t["hidden_size"] + 2 * t["intermediate_size"])
+        clip = (self.config.num_patches + 1) * (6 * v["hidden_size"] + v["intermediate_size"]) \
+            + v["num_attention_heads"] * (self.config.num_patches + 1) ** 2
+        return max(1, self.savings.frame_budget_bytes // ((prefusion + clip) * itemsize))
+
+    # --- text ------------------------------------------------------------------------------------
+    def prompt_ids(self, input_ids=None, prompts=None, attention_mask=None, with_image: bool = True) -> list[list[int]]:
+        """Token ids from ``input_ids`` (ids, lists or a tensor) or text ``prompts`` (needs a tokenizer)."""
+        if (input_ids is None) == (prompts is None):
+            raise ValueError("give exactly one of input_ids= or prompts=")
+        if input_ids is not None:
+            return processing.as_id_lists(input_ids, attention_mask)
+        if self.tokenizer is None:
+            raise ValueError("prompts: text prompts need a tokenizer (load a checkpoint that has one, "
+                             "or set model.tokenizer); pass input_ids instead")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return [processing.tokenize_prompt(processing.apply_template(p, self.config.template, with_image),
+                                           self.tokenizer) for p in prompts]
+
+    def embed_text(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded text embeddings [B, L, d] and validity [B, L] (ids <= 0 are padding, as released)."""
+        longest = max(map(len, ids))
+        padded = torch.zeros(len(ids), longest, dtype=torch.long, device=self.device)
+        for i, row in enumerate(ids):
+            padded[i, :len(row)] = torch.tensor(row, device=self.device)
+        return self.llm.get_input_embeddings()(padded.clamp(min=0)), padded > 0
+
+    # --- encode ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images=None, input_ids=None, *, prompts=None, videos=None, prefix: Prefix | None = None,
+               attention_mask=None, fps: float = 1.0, max_frames: int | None = 1000,
+               backend: str | None = None) -> LLMInput:
+        """What the LLM receives: fused text with each prompt's ``<image>`` replaced by its vision tokens.
+
+        Give one of ``images`` (a list, one per prompt), ``videos`` (a list of files or frame lists,
+        one per prompt), ``prefix`` (from ``prefix()``, one row per prompt), or none (text only).
+        Prompts are ``input_ids`` (holding IMAGE_TOKEN_INDEX once) or text ``prompts``.
+        """
+        sources = [s is not None for s in (images, videos, prefix)]
+        if sum(sources) > 1:
+            raise ValueError("give at most one of images=, videos=, prefix=")
+        ids = self.prompt_ids(input_ids, prompts, attention_mask, with_image=any(sources))
+        with self.backend_scope(backend):
+            if not any(sources):
+                return LLMInput.left_pad([self.llm.get_input_embeddings()(torch.tensor(r, device=self.device).clamp(min=0))
+                                          for r in ids])
+            if videos is not None:
+                videos = list(videos) if isinstance(videos, (list, tuple)) else [videos]
+                ids = self.broadcast(ids, len(videos), "videos")
+                fused = [self.fuse_video(self.prepare_video(v, fps, max_frames), r) for v, r in zip(videos, ids)]
+            else:
+                if prefix is None and not self.savings.prefix_split:
+                    pixels = self.prepare_images(images)
+                    ids = self.broadcast(ids, pixels.shape[0], "images")
+                    fused = zip(*self.fuse_reference(*self.embed_vision(pixels), ids))
+                else:
+                    if prefix is None:
+                        prefix = self.prefusion.prefix(*self.embed_vision(self.prepare_images(images)),
+                                                       prune_last_layer=self.savings.prune_last_layer)
+                    ids = self.broadcast(ids, prefix.compressed.shape[0], "prefix")
+                    fused = zip(*self.fuse_text(prefix, ids))
+            image_pos = [self.image_position(r, i) for i, r in enumerate(ids)]
+            return LLMInput.left_pad([torch.cat([text[:p], vis, text[p + 1:len(r)]])
+                                      for (vis, text), p, r in zip(fused, image_pos, ids)])
+
+    def broadcast(self, ids, count: int, argument: str) -> list[list[int]]:
+        if len(ids) == count:
+            return ids
+        if len(ids) == 1:
+            return ids * count
+        raise ValueError(f"{argument}: {count} given for {len(ids)} prompts; expected one per prompt (or one prompt)")
+
+    @staticmethod
+    def image_position(ids: list[int], row: int) -> int:
+        count = ids.count(IMAGE_TOKEN_INDEX)
+        if count != 1:
+            raise ValueError(f"input_ids[{row}]: expected exactly one image placeholder ({IMAGE_TOKEN_INDEX}), found {count}")
+        return ids.index(IMAGE_TOKEN_INDEX)
+
+    def fuse_reference(self, vision, compressed, ids):
+        """The released pre-fusion over [vision ; compressed ; text] -> (vision tokens, fused text)."""
+        text, valid = self.embed_text(ids)
+        x = torch.cat([vision, compressed, text], dim=1)
+        valid = torch.cat([valid.new_ones(vision.shape[0], vision.shape[1] + compressed.shape[1]), valid], dim=1)
+        c = compressed.shape[1]
+        out = self.prefusion.reference(x, valid, self.savings.prune_last_layer, keep_last=c + text.shape[1])
+        return out[:, :c], out[:, c:]
+
+    def fuse_text(self, prefix: Prefix, ids):
+        """Pre-fuse only the text rows against a prefix -> (vision tokens, fused text)."""
+        text, valid = self.embed_text(ids)
+        return prefix.compressed, self.prefusion.text(prefix, text, valid)
+
+    def fuse_video(self, frames: torch.Tensor, ids: list[int]):
+        """One prompt over T frames: (all frames' tokens [T*C^2, d], fused text averaged over frames in fp32)."""
+        if self.savings.batch_frames:
+            prefix = self.prefix_frames(frames)
+            chunk = self.frame_chunk()
+            total = 0
+            for i in range(0, frames.shape[0], chunk):
+                part = prefix.index(slice(i, i + chunk))
+                total = total + self.fuse_text(part, [ids] * part.compressed.shape[0])[1].float().sum(0)
+            compressed = prefix.compressed
+        else:  # the released per-frame loop
+            per_frame = [self.fuse_one_frame(frames[i:i + 1], ids) for i in range(frames.shape[0])]
+            compressed = torch.cat([v for v, _ in per_frame])
+            total = sum(t[0].float() for _, t in per_frame)
+        return compressed.flatten(0, 1), (total / frames.shape[0]).to(self.dtype)
+
+    def fuse_one_frame(self, frame, ids):
+        vision, compressed = self.embed_vision(frame)
+        if self.savings.prefix_split:
+            prefix = self.prefusion.prefix(vision, compressed, prune_last_layer=self.savings.prune_last_layer)
+            return self.fuse_text(prefix, [ids])
+        return self.fuse_reference(vision, compressed, [ids])
+
+    # --- generate ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, images=None, input_ids=None, *, prompts=None, videos=None, prefix: Prefix | None = None,
+                 attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, stop_token_ids=None, use_cache: bool = True,
+                 generator: torch.Generator | None = None, fps: float = 1.0, max_frames: int | None = 1000,
+                 backend: str | None = None) -> torch.Tensor:
+        """Generate new tokens [B, n] (greedy, or sampling with temperature / top-k / top-p).
+
+        Inputs as for ``encode``. Stops at ``stop_token_ids`` (default: the config's eos ids);
+        finished rows are padded with the pad id. ``decode`` turns the ids into text.
+        """
+        with self.backend_scope(backend) as name:
+            prompt = self.encode(images, input_ids, prompts=prompts, videos=videos, prefix=prefix,
+                                 attention_mask=attention_mask, fps=fps, max_frames=max_frames, backend=name)
+            return generate(self.llm, prompt, max_new_tokens, do_sample, temperature, top_k, top_p,
+                            self.stop_ids(stop_token_ids), self.llm.config.pad_token_id or 0, use_cache, generator)
+
+    def stop_ids(self, stop_token_ids) -> list[int]:
+        if stop_token_ids is not None:
+            return list(stop_token_ids)
+        eos = self.llm.config.eos_token_id
+        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+    def decode(self, tokens: torch.Tensor) -> list[str]:
+        """Token ids [B, n] -> text (needs a tokenizer)."""
+        if self.tokenizer is None:
+            raise ValueError("decode: no tokenizer (load a checkpoint that has one, or set model.tokenizer)")
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+
