@@ -1,0 +1,227 @@
+"""Pre-fusion attention as one Triton kernel (flash-attention-2 style forward).
+
+One program computes one BLOCK_M tile of queries for one (sequence, head): it streams BLOCK_N tiles
+of K and V through SRAM with an online softmax, so the [Lq, Lk] score matrix never reaches memory.
+Causal tiles that are fully masked are never visited; tiles fully visible skip the causal mask.
+Semantics are those of ``ref.py``; inputs are validated by ``op.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if _INTERPRET:
+    # The CPU interpreter runs every config; one small config keeps tests fast and still crosses tiles.
+    _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+else:
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (128, 64, 8, 3),
+            (128, 64, 4, 3),
+            (128, 128, 8, 2),
+            (128, 32, 4, 4),
+            (64, 64, 4, 3),
+            (64, 64, 4, 4),
+            (64, 128, 4, 2),
+            (128, 64, 8, 4),
+        ]
+    ]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tiles(
+    acc, row_max, row_sum, q, k_ptrs, v_ptrs, keep_ptrs, offs_m, offs_n, offs_d,
+    start, stop, k_len, causal_shift, stride_kn, stride_vn, stride_keep_n, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    EDGE_TILES: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold key tiles [start, stop) into the running (acc, row_max, row_sum) of one query tile.
+
+    EDGE_TILES: these tiles may straddle the causal diagonal or the sequence end, so mask per element.
+    """
+    d_mask = offs_d[None, :] < HEAD_DIM
+    for tile_start in range(start, stop, BLOCK_N):
+        cols = tile_start + offs_n
+        col_offsets = cols.to(tl.int64)
+        if EDGE_TILES:
+            in_range = cols < k_len
+            k_tile = tl.load(k_ptrs + col_offsets[:, None] * stride_kn, mask=in_range[:, None] & d_mask, other=0.0)
+            v_tile = tl.load(v_ptrs + col_offsets[:, None] * stride_vn, mask=in_range[:, None] & d_mask, other=0.0)
+        else:
+            k_tile = tl.load(k_ptrs + col_offsets[:, None] * stride_kn, mask=d_mask, other=0.0)
+            v_tile = tl.load(v_ptrs + col_offsets[:, None] * stride_vn, mask=d_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k_tile), input_precision=DOT_PRECISION) * qk_scale  # log2 domain
+        if EDGE_TILES:
+            visible = in_range[None, :]
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + causal_shift)
+            scores = tl.where(visible, scores, float("-inf"))
+        if HAS_KEEP:
+            keep = tl.load(keep_ptrs + col_offsets * stride_keep_n, mask=cols < k_len, other=0)
+            scores = tl.where(keep[None, :] != 0, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # A row that has seen only masked keys keeps max = -inf; subtract 0 there so exp2 gives 0, not NaN.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        probs = tl.exp2(scores - safe_max[:, None])
+        rescale = tl.exp2(row_max - safe_max)
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
+        row_max = new_max
+    return acc, row_max, row_sum
+
+
+@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_D", "CAUSAL", "HAS_KEEP", "VARLEN", "GROUP_SIZE"])
+@triton.jit
+def _prefusion_attention_kernel(
+    Q, K, V, Out, Keep, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_keep_b, stride_keep_n,
+    seqlen_q, seqlen_k, num_heads, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tile_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = (batch_head // num_heads).to(tl.int64)
+    head = (batch_head % num_heads).to(tl.int64)
+    kv_head = head // GROUP_SIZE
+
+    if VARLEN:
+        # Packed sequences: rows [start, end) of the [total, H, d] tensors; the batch stride is unused.
+        q_start = tl.load(CuSeqlensQ + batch).to(tl.int64)
+        q_len = (tl.load(CuSeqlensQ + batch + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CuSeqlensK + batch).to(tl.int64)
+        k_len = (tl.load(CuSeqlensK + batch + 1) - k_start).to(tl.int32)
+        q_base = q_start * stride_qm
+        o_base = q_start * stride_om
+        k_base = k_start * stride_kn
+        v_base = k_start * stride_vn
+    else:
+        q_len = seqlen_q
+        k_len = seqlen_k
+        q_base = batch * stride_qb
+        o_base = batch * stride_ob
+        k_base = batch * stride_kb
+        v_base = batch * stride_vb
+    if tile_m * BLOCK_M >= q_len:
+        return  # the grid covers the longest sequence of the batch
+
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = offs_m < q_len
+    d_mask = offs_d < HEAD_DIM
+    row_offsets = offs_m.to(tl.int64)
+
+    q_ptrs = Q + q_base + head * stride_qh + row_offsets[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    # Bases of this head's K/V rows and of this sequence's keep flags; key offsets are added per tile.
+    k_ptrs = K + k_base + kv_head * stride_kh + offs_d[None, :] * stride_kd
+    v_ptrs = V + v_base + kv_head * stride_vh + offs_d[None, :] * stride_vd
+    keep_ptrs = Keep + batch * stride_keep_b
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    # Query i sees keys j <= i + causal_shift (bottom-right alignment).
+    causal_shift = k_len - q_len
+    if CAUSAL:
+        # Keys every row of this tile sees: j <= first_row + shift; keys no row sees: j > last_row + shift.
+        visible_end = tl.minimum(tile_m * BLOCK_M + causal_shift + 1, k_len)
+        stop = tl.minimum((tile_m + 1) * BLOCK_M + causal_shift, k_len)
+    else:
+        visible_end = k_len
+        stop = k_len
+    full_end = tl.maximum(visible_end, 0) // BLOCK_N * BLOCK_N
+    stop = tl.maximum(stop, 0)
+
+    acc, row_max, row_sum = _attend_tiles(
+        acc, row_max, row_sum, q, k_ptrs, v_ptrs, keep_ptrs, offs_m, offs_n, offs_d,
+        0, full_end, k_len, causal_shift, stride_kn, stride_vn, stride_keep_n, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_KEEP, DOT_PRECISION,
+    )
+    acc, row_max, row_sum = _attend_tiles(
+        acc, row_max, row_sum, q, k_ptrs, v_ptrs, keep_ptrs, offs_m, offs_n, offs_d,
+        full_end, stop, k_len, causal_shift, stride_kn, stride_vn, stride_keep_n, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_KEEP, DOT_PRECISION,
+    )
+
+    # Rows that saw no key have row_sum = 0 and acc = 0: write zeros.
+    out = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
+    o_ptrs = Out + o_base + head * stride_oh + row_offsets[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+def prefusion_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch the kernel on already-validated inputs (see ``op.prefusion_attention`` for the contract).
+
+    Padded layout: q [B, Lq, H, d], k/v [B, Lk, Hkv, d]. Packed layout: q [total_q, H, d],
+    k/v [total_k, Hkv, d] with int32 ``cu_seqlens_q/k`` [B + 1] and ``max_seqlen_q``.
+    Any strides. ``out`` (shaped like q) is written in full when given.
+    """
+    head_dim = q.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.empty_like(q) if out is None else out
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        # View packed tensors as one "batch" row of the padded layout: only strides 1..3 are read.
+        q4, k4, v4, o4 = (t.unsqueeze(0) for t in (q, k, v, out))
+        batch = cu_seqlens_q.shape[0] - 1
+        seqlen_q, seqlen_k = max_seqlen_q, 0
+    else:
+        q4, k4, v4, o4 = q, k, v, out
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    heads, kv_heads = q.shape[-2], k.shape[-2]
+    if key_padding_mask is not None:
+        keep = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
+        keep_strides = keep.stride()
+    else:
+        keep, keep_strides = q, (0, 0)  # never read (HAS_KEEP=False)
+    cu_q = cu_seqlens_q if varlen else q  # never read when VARLEN=False
+    cu_k = cu_seqlens_k if varlen else q
+
+    def grid(meta):
+        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
+
+    if batch * heads == 0 or seqlen_q == 0:
+        return out
+    _prefusion_attention_kernel[grid](
+        q4, k4, v4, o4, keep, cu_q, cu_k,
+        *q4.stride(), *k4.stride(), *v4.stride(), *o4.stride(), *keep_strides,
+        seqlen_q, seqlen_k, heads, scale * _LOG2E,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        GROUP_SIZE=heads // kv_heads,
+        CAUSAL=causal,
+        HAS_KEEP=key_padding_mask is not None,
+        VARLEN=varlen,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out
