@@ -76,7 +76,11 @@ class LlavaMini(nn.Module):
     @classmethod
     def from_preset(cls, name: str, dtype: torch.dtype | None = None, device=None, **overrides) -> "LlavaMini":
         """A randomly initialised model of preset ``name`` (see ``LlavaMiniConfig.presets()``)."""
-        config = LlavaMiniConfig.from_preset(name, **overrides)
+        return cls.from_config(LlavaMiniConfig.from_preset(name, **overrides), dtype=dtype, device=device)
+
+    @classmethod
+    def from_config(cls, config: LlavaMiniConfig, dtype: torch.dtype | None = None, device=None) -> "LlavaMini":
+        """A randomly initialised model built directly in ``dtype`` on ``device`` (eval mode)."""
         with default_dtype_and_device(dtype, device):
             model = cls(config)
         return model.to(dtype=dtype).eval() if dtype is not None else model.eval()

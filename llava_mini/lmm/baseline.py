@@ -1,0 +1,129 @@
+"""The 576-token baseline: transformers' own LLaVA-1.5 (``LlavaForConditionalGeneration``).
+
+Built offline from a config (the LLaVA-1.5-7B shapes, or any LlavaMiniConfig's vision tower and
+LLM), wrapped to take the same inputs and expose the same ``encode``/``generate`` as ``LlavaMini``,
+so the comparison is against an implementation nobody here wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from llava_mini.kernels import backend as backends
+from llava_mini.lmm import processing
+from llava_mini.lmm.config import IMAGE_TOKEN_INDEX, LlavaMiniConfig
+from llava_mini.lmm.generation import LLMInput, generate
+from llava_mini.lmm.model import default_dtype_and_device
+
+# LLaVA-1.5-7B is the Vicuna-7B LLaVA-Mini preset's vision tower and LLM with 576 tokens per image.
+BASELINE_OF = {"llava-1.5-7b": "llava-mini-vicuna-7b", "tiny": "tiny"}
+
+
+class LlavaBaseline(nn.Module):
+    """LLaVA-1.5 (576 vision tokens per image) with LlavaMini's ``encode``/``generate`` interface."""
+
+    def __init__(self, config: LlavaMiniConfig):
+        super().__init__()
+        if config.resolution_ratio != 1:
+            raise ValueError("config: the LLaVA-1.5 baseline takes 336 px images (resolution_ratio 1)")
+        self.config = config
+        self._backend: str | None = None
+        text = config.text_config()
+        # LLaVA-1.5 adds its <image> token after the vocabulary (id 32000 for Vicuna, vocab 32064).
+        self.image_token_id = text.vocab_size
+        text.vocab_size = (text.vocab_size // 64 + 1) * 64
+        hf_config = LlavaConfig(
+            vision_config=config.vision_config(), text_config=text, image_token_index=self.image_token_id,
+            projector_hidden_act="gelu", vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy="default", image_seq_length=config.num_patches,
+        )
+        hf_config._attn_implementation = "eager"
+        self.model = LlavaForConditionalGeneration(hf_config)
+
+    @classmethod
+    def from_preset(cls, name: str, dtype: torch.dtype | None = None, device=None) -> "LlavaBaseline":
+        """``llava-1.5-7b`` or ``tiny``, or any LlavaMini preset name (same vision tower and LLM)."""
+        mini = BASELINE_OF.get(name, name)
+        return cls.from_config(LlavaMiniConfig.from_preset(mini), dtype=dtype, device=device)
+
+    @classmethod
+    def from_config(cls, config: LlavaMiniConfig, dtype: torch.dtype | None = None, device=None) -> "LlavaBaseline":
+        with default_dtype_and_device(dtype, device):
+            model = cls(config)
+        return (model.to(dtype=dtype) if dtype is not None else model).eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    def set_backend(self, name: str | None) -> "LlavaBaseline":
+        """Attention backend of the LLM and vision tower ("torch" = eager, "sdpa", "flash_attn")."""
+        self._backend = None if name is None else backends.validate(name)
+        return self
+
+    @contextlib.contextmanager
+    def backend_scope(self, backend: str | None = None):
+        name = backends.validate(backend) if backend is not None else (self._backend or backends.get_backend())
+        config = self.model.config
+        previous = config._attn_implementation
+        config._attn_implementation = backends.attn_implementation(name)  # recurses into both sub-configs
+        try:
+            yield name
+        finally:
+            config._attn_implementation = previous
+
+    def expand_ids(self, ids: list[int], row: int) -> list[int]:
+        """LLaVA-Mini's prompt ids with its one IMAGE_TOKEN_INDEX -> LLaVA-1.5's 576 image tokens."""
+        if ids.count(IMAGE_TOKEN_INDEX) != 1:
+            raise ValueError(f"input_ids[{row}]: expected exactly one image placeholder ({IMAGE_TOKEN_INDEX})")
+        p = ids.index(IMAGE_TOKEN_INDEX)
+        return ids[:p] + [self.image_token_id] * self.config.num_patches + ids[p + 1:]
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """transformers' LLaVA vision path (CLIP layer, CLS dropped, projector): [B, 576, d]."""
+        out = self.model.model.get_image_features(
+            pixel_values=pixels, vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy="default")
+        feats = getattr(out, "pooler_output", out)  # transformers >= 5.x returns a model output
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    @torch.no_grad()
+    def encode(self, images=None, input_ids=None, *, attention_mask=None, backend: str | None = None) -> LLMInput:
+        """What the LLM receives: the prompt with 576 projected CLIP tokens at ``<image>``, left-padded."""
+        ids = processing.as_id_lists(input_ids, attention_mask)
+        pixels = processing.preprocess_images(images, self.config.crop_size) if not (
+            isinstance(images, torch.Tensor) and images.dim() == 4) else images
+        if len(ids) == 1 and pixels.shape[0] > 1:
+            ids = ids * pixels.shape[0]
+        if len(ids) != pixels.shape[0]:
+            raise ValueError(f"images: {pixels.shape[0]} given for {len(ids)} prompts; expected one per prompt")
+        with self.backend_scope(backend):
+            feats = self.image_features(pixels.to(self.device, self.dtype))
+            embed = self.model.get_input_embeddings()
+            rows = []
+            for i, row in enumerate(ids):
+                expanded = torch.tensor(self.expand_ids(row, i), device=self.device)
+                emb = embed(expanded.clamp(min=0))
+                emb[expanded == self.image_token_id] = feats[i].to(emb.dtype)
+                rows.append(emb)
+            return LLMInput.left_pad(rows)
+
+    @torch.no_grad()
+    def generate(self, images=None, input_ids=None, *, attention_mask=None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_k=None, top_p=None, stop_token_ids=None,
+                 use_cache: bool = True, generator=None, backend: str | None = None) -> torch.Tensor:
+        """Generate new tokens [B, n], as ``LlavaMini.generate``."""
+        with self.backend_scope(backend) as name:
+            prompt = self.encode(images, input_ids, attention_mask=attention_mask, backend=name)
+            eos = self.model.config.text_config.eos_token_id
+            stops = stop_token_ids if stop_token_ids is not None else ([] if eos is None else [eos] if isinstance(eos, int) else eos)
+            return generate(self.model, prompt, max_new_tokens, do_sample, temperature, top_k, top_p, list(stops),
+                            self.model.config.text_config.pad_token_id or 0, use_cache, generator)
