@@ -87,6 +87,7 @@ def compress_ref(
     k = F.linear(k_in, w_k, b_k).view(B, N, num_heads, hd).transpose(1, 2)  # [B, H, N, hd]
     v = F.linear(kv, w_v, b_v).view(B, N, num_heads, hd).transpose(1, 2)
     scores = torch.matmul(q.unsqueeze(0), k.transpose(-1, -2)) / math.sqrt(hd)  # [B, H, Q, N]
-    probs = scores.float().softmax(dim=-1).to(dtype)
+    # softmax in fp32 for 16-bit inputs; fp64 stays fp64 (the fp64 reference and gradcheck need it)
+    probs = scores.to(torch.promote_types(dtype, torch.float32)).softmax(dim=-1).to(dtype)
     out = torch.matmul(probs, v).transpose(1, 2).reshape(B, Q, D)
     return F.linear(out, out_proj_weight.to(dtype), out_proj_bias.to(dtype))

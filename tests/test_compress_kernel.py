@@ -1,0 +1,350 @@
+"""The fused compressor (issue 3) against the fp64 reference, on CPU under TRITON_INTERPRET=1.
+
+Accuracy rule (flash-attention's): the fused error against an fp64 reference is at most twice
+the error of the same-dtype PyTorch path, plus a small absolute slack.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from llava_mini.kernels import backend
+from llava_mini.kernels.compress import (FusedResampler, choose_form, compress, compress_ref, compress_triton,
+                                         key_pos_embed, sincos_pos_embed_2d)
+from llava_mini.kernels.compress import triton as fused
+from llava_mini.lmm.compressor import Resampler
+
+WEIGHT_NAMES = ("query", "pos_embed", "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias",
+                "ln_q_weight", "ln_q_bias", "ln_kv_weight", "ln_kv_bias")
+
+
+def make_weights(dim, grid, seed=0, device="cpu"):
+    """Random fp32 weights with non-trivial LayerNorm affine parameters and biases."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device)
+
+    return [
+        rand(grid * grid, dim, scale=0.5),
+        sincos_pos_embed_2d(dim, grid).to(device),
+        rand(3 * dim, dim, scale=dim ** -0.5),
+        rand(3 * dim, scale=0.1),
+        rand(dim, dim, scale=dim ** -0.5),
+        rand(dim, scale=0.1),
+        rand(dim, scale=0.1, shift=1.0),
+        rand(dim, scale=0.1),
+        rand(dim, scale=0.1, shift=1.0),
+        rand(dim, scale=0.1),
+    ]
+
+
+def make_x(batch, n, dim, dtype, layout, seed=1):
+    """x [B, N, D] as a contiguous tensor, a transposed view, or a strided slice."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "transposed":
+        x = torch.randn(batch, dim, n, generator=g).transpose(1, 2)
+    elif layout == "sliced":
+        x = torch.randn(batch, n + 3, 2 * dim, generator=g)[:, 2:n + 2, ::2]
+    else:
+        x = torch.randn(batch, n, dim, generator=g)
+    return (x * 2 + 0.5).to(dtype)  # a non-zero mean, as CLIP features have
+
+
+def assert_close_to_fp64(out, x, weights, num_heads, eps=1e-6):
+    """flash-attention's rule: |out - ref64| <= 2 |ref_same_dtype - ref64| + small atol."""
+    ref64 = compress_ref(x.double(), *[w.double() for w in weights], num_heads, eps)
+    ref_same = compress_ref(x, *weights, num_heads, eps)
+    assert out.shape == ref64.shape and out.dtype == x.dtype
+    assert not out.isnan().any()
+    fused_error = (out.double() - ref64).abs().max().item()
+    ref_error = (ref_same.double() - ref64).abs().max().item()
+    atol = 1e-5 if x.dtype == torch.float32 else 1e-3
+    assert fused_error <= 2 * ref_error + atol, (fused_error, ref_error)
+
+
+@pytest.fixture
+def poisoned_workspace(monkeypatch):
+    """Every internal buffer the fused path allocates starts as NaN, so unwritten parts show."""
+    monkeypatch.setattr(fused, "_empty", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype,
+                                                                                  device=device))
+
+
+CASES = [  # batch, n, dim, heads, grid, layout
+    (1, 9, 40, 2, 1, "contiguous"),
+    (3, 25, 72, 4, 2, "transposed"),
+    (2, 49, 72, 3, 3, "sliced"),
+    (17, 25, 40, 4, 1, "transposed"),  # more images than rows per block
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("form,splits", [("absorbed", 1), ("absorbed", 3), ("projected", None)])
+@pytest.mark.parametrize("batch,n,dim,heads,grid,layout", CASES)
+def test_fused_matches_fp64_reference(batch, n, dim, heads, grid, layout, form, splits, dtype, device,
+                                      poisoned_workspace):
+    weights = [w.to(device) for w in make_weights(dim, grid)]
+    x = make_x(batch, n, dim, dtype, layout).to(device)
+    out = torch.full((batch, grid * grid, dim), math.nan, dtype=dtype, device=device)
+    result = compress_triton(x, *weights, heads, 1e-6, form=form, splits=splits, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert_close_to_fp64(out.cpu(), x.cpu(), [w.cpu() for w in weights], heads)
+
+
+def test_dispatch_rule():
+    # D=1024, 8 heads: C=1 and C=2 run absorbed, C=8 projected (the accumulator budget).
+    assert choose_form(8, 1, 1024) == "absorbed"
+    assert choose_form(8, 4, 1024) == "absorbed"
+    assert choose_form(8, 9, 1024) == "projected"
+    assert choose_form(8, 64, 1024) == "projected"
+    assert choose_form(16, 1, 2048) == "absorbed"  # 16 x 2048 accumulator values: the budget
+    assert choose_form(16, 1, 4096) == "projected"
+
+
+def test_split_rule():
+    assert fused.choose_splits(4096, 576, 264) == 1
+    assert fused.choose_splits(1, 576, 264) == 18  # capped at 32 rows per split
+    assert fused.choose_splits(16, 576, 264) == 17
+    assert fused.choose_splits(1, 9, 264) == 1
+
+
+@pytest.mark.parametrize("grid,heads,form", [(1, 2, "absorbed"), (9, 4, "projected")])
+def test_public_op_picks_form_by_shape(grid, heads, form, device, monkeypatch):
+    dim, n = 72, 25
+    assert choose_form(heads, grid * grid, dim) == form
+    ran = []
+    for name in ("_absorbed_heads", "_projected_heads"):
+        original = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _f=original, _n=name, **k: (ran.append(_n), _f(*a, **k))[1])
+    weights = [w.to(device) for w in make_weights(dim, grid)]
+    x = make_x(2, n, dim, torch.float32, "contiguous").to(device)
+    with torch.no_grad():
+        out = compress(x, *weights, heads)
+    assert ran == [f"_{form}_heads"]
+    assert_close_to_fp64(out.cpu(), x.cpu(), [w.cpu() for w in weights], heads)
+
+
+def count_derivations(monkeypatch):
+    calls = []
+    original = fused._derive_weights
+    monkeypatch.setattr(fused, "_derive_weights", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    return calls
+
+
+def test_cache_reused_and_refreshed_after_in_place_edit(device, monkeypatch):
+    fused.clear_cache()
+    calls = count_derivations(monkeypatch)
+    model = Resampler(2, 40, 4).to(device).eval()
+    x = make_x(2, 25, 40, torch.float32, "contiguous").to(device)
+    with torch.no_grad(), backend.use_backend("triton"):
+        before = model(x)
+        model(x)
+        assert len(calls) == 1  # the second call reuses the weight-derived tensors
+        for parameter in (model.attn.in_proj_weight, model.ln_kv.weight, model.query):
+            parameter.mul_(1.5)  # an optimizer-style in-place edit
+            fused_out = model(x)
+            with backend.use_backend("torch"):
+                ref_out = model(x)
+            torch.testing.assert_close(fused_out, ref_out, atol=1e-5, rtol=1e-4)
+    assert len(calls) == 4
+    assert not torch.allclose(before, fused_out, atol=1e-3)
+
+
+def test_cache_refreshed_after_load_state_dict(device):
+    model = Resampler(2, 40, 4).to(device).eval()
+    other = Resampler(2, 40, 4).to(device).eval()
+    x = make_x(2, 25, 40, torch.float32, "contiguous").to(device)
+    with torch.no_grad(), backend.use_backend("triton"):
+        model(x)
+        model.load_state_dict(other.state_dict())
+        fused_out = model(x)
+        expected = other(x)
+    torch.testing.assert_close(fused_out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_cache_not_fooled_by_a_reused_address(device):
+    # Fresh weights may land at a freed tensor's address with the same _version.
+    x = make_x(2, 9, 40, torch.float32, "contiguous").to(device)
+    for seed in range(3):
+        weights = [w.to(device) for w in make_weights(40, 1, seed=seed)]
+        assert_close_to_fp64(compress_triton(x, *weights, 2).cpu(), x.cpu(), [w.cpu() for w in weights], 2)
+        del weights
+
+
+def test_resampler_triton_backend_equals_torch(device):
+    model = Resampler(2, 72, 4).to(device).eval()
+    x = make_x(3, 49, 72, torch.float32, "sliced").to(device)
+    with torch.no_grad():
+        expected = model(x)
+        with backend.use_backend("triton"):
+            out = model(x)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+class PlainResampler(nn.Module):
+    """A Qwen-VL style resampler built on nn.MultiheadAttention (sequence-first), the released semantics."""
+
+    def __init__(self, grid, dim, heads):
+        super().__init__()
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, grid), requires_grad=False)
+        self.query = nn.Parameter(torch.randn(grid * grid, dim) * 0.5)
+        self.attn = nn.MultiheadAttention(dim, heads)
+        self.ln_q = nn.LayerNorm(dim, eps=1e-6)
+        self.ln_kv = nn.LayerNorm(dim, eps=1e-6)
+        for p in (self.attn.in_proj_bias, self.attn.out_proj.bias, self.ln_q.bias, self.ln_kv.bias):
+            nn.init.normal_(p, std=0.1)
+        for p in (self.ln_q.weight, self.ln_kv.weight):
+            nn.init.normal_(p, mean=1.0, std=0.1)
+
+    def forward(self, x):
+        x = self.ln_kv(x).permute(1, 0, 2)  # [N, B, D]
+        q = (self.ln_q(self.query) + self.pos_embed).unsqueeze(1).expand(-1, x.shape[1], -1)
+        k = x + key_pos_embed(self.pos_embed, x.shape[0]).unsqueeze(1)
+        return self.attn(q, k, x, need_weights=False)[0].permute(1, 0, 2)
+
+
+@pytest.mark.parametrize("grid", [1, 2])
+def test_from_module_matches_multihead_attention(grid, device):
+    plain = PlainResampler(grid, 72, 4).to(device).eval()
+    fused_module = FusedResampler.from_module(plain)
+    assert fused_module.query is plain.query and fused_module.attn is plain.attn  # shared, not copied
+    assert set(fused_module.state_dict()) == set(plain.state_dict())
+    x = make_x(3, 25, 72, torch.float32, "transposed").to(device)
+    with torch.no_grad():
+        expected = plain(x)
+        out = fused_module(x)
+    assert out.shape == (3, grid * grid, 72)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_from_module_rejects_other_modules():
+    with pytest.raises(ValueError, match="query"):
+        FusedResampler.from_module(nn.Linear(4, 4))
+    plain = PlainResampler(1, 40, 2)
+    plain.attn = nn.Linear(40, 40)
+    with pytest.raises(TypeError, match="attn"):
+        FusedResampler.from_module(plain)
+
+
+def test_gradcheck_reference_path():
+    dim, heads = 8, 2
+    query, pos_embed, *weights = [w.double().requires_grad_() for w in make_weights(dim, 1)]
+    pos_embed.requires_grad_(False)  # a frozen table, resized to the key grid in fp32
+    x = make_x(2, 4, dim, torch.float64, "contiguous").requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, q, *w: compress_ref(x, q, pos_embed, *w, heads, 1e-6),
+                                    (x, query, *weights))
+
+
+def test_gradients_through_public_function_equal_reference(device):
+    weights = [w.to(device).requires_grad_() for w in make_weights(40, 2)]
+    x = make_x(2, 25, 40, torch.float32, "transposed").to(device).requires_grad_()
+    grad_out = torch.randn(2, 4, 40, device=device)
+    fused_grads = torch.autograd.grad((compress(x, *weights, 4) * grad_out).sum(), (x, *weights))
+    ref_grads = torch.autograd.grad((compress_ref(x, *weights, 4) * grad_out).sum(), (x, *weights))
+    for name, got, expected in zip(("x",) + WEIGHT_NAMES, fused_grads, ref_grads):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_op_without_grad_formula_refuses_backward(device):
+    weights = [w.to(device).requires_grad_() for w in make_weights(40, 1)]
+    x = make_x(1, 9, 40, torch.float32, "contiguous").to(device)
+    out = torch.ops.llava_mini.compress(x, *weights, 2, 1e-6)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("grid", [1, 3])
+def test_opcheck(grid, device):
+    weights = [w.to(device) for w in make_weights(72, grid)]
+    x = make_x(2, 9, 72, torch.float32, "transposed").to(device)
+    torch.library.opcheck(torch.ops.llava_mini.compress.default, (x, *weights, 4, 1e-6))
+
+
+def test_torch_compile_fullgraph(device):
+    weights = [w.to(device) for w in make_weights(40, 1)]
+    x = make_x(2, 9, 40, torch.float32, "contiguous").to(device)
+    compiled = torch.compile(compress, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, *weights, 2), compress_ref(x, *weights, 2), atol=1e-5, rtol=1e-4)
+
+
+def flops_of(fn, *args):
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def test_flop_counter_sees_the_op(device):
+    batch, n, dim, heads, grid = 2, 25, 72, 4, 9  # projected form: the reference minus the cached q projection
+    weights = [w.to(device) for w in make_weights(dim, grid)]
+    x = make_x(batch, n, dim, torch.float32, "contiguous").to(device)
+    assert choose_form(heads, grid * grid, dim) == "projected"
+    q_projection = 2 * grid * grid * dim * dim
+    assert flops_of(compress, x, *weights, heads) == flops_of(compress_ref, x, *weights, heads) - q_projection
+    # absorbed form (C=1): far fewer FLOPs than projecting K and V
+    weights = [w.to(device) for w in make_weights(dim, 1)]
+    assert 10 * flops_of(compress, x, *weights, heads) < flops_of(compress_ref, x, *weights, heads)
+
+
+def bad(index, value):
+    def edit(args):
+        args = list(args)
+        args[index] = value(args[index]) if callable(value) else value
+        return args
+    return edit
+
+
+@pytest.mark.parametrize("edit,error,match", [
+    (bad(0, lambda x: x[0]), ValueError, r"x: expected shape \[B, N, D\]"),
+    (bad(0, lambda x: x[:, :8]), ValueError, "x: expected a square number"),
+    (bad(0, lambda x: x.to(torch.int32)), TypeError, "x: expected float16, bfloat16 or float32"),
+    (bad(0, lambda x: x.double()), TypeError, "x: expected float16"),
+    (bad(0, [[1.0]]), TypeError, "x: expected a torch.Tensor"),
+    (bad(1, lambda q: q[:, :20]), ValueError, r"query: expected shape \[C\^2, 40\]"),
+    (bad(1, lambda q: torch.zeros(2, 40)), ValueError, "query: expected a square number"),
+    (bad(3, lambda w: w[:, :20]), ValueError, r"in_proj_weight: expected shape \[120, 40\]"),
+    (bad(8, lambda w: w.to("meta")), ValueError, "ln_q_bias: expected a tensor on cpu"),
+    (bad(10, lambda w: w.to(torch.int64)), TypeError, "ln_kv_bias: expected a floating-point"),
+    (bad(11, 3), ValueError, "num_heads: expected a positive divisor of D=40"),
+])
+def test_bad_inputs_raise_clear_errors(edit, error, match):
+    args = [make_x(1, 9, 40, torch.float32, "contiguous"), *make_weights(40, 1), 2]
+    with pytest.raises(error, match=match):
+        compress(*edit(args))
+
+
+def test_bad_out_and_form_raise_clear_errors():
+    args = [make_x(1, 9, 40, torch.float32, "contiguous"), *make_weights(40, 1), 2]
+    with pytest.raises(ValueError, match="out: expected a contiguous"):
+        compress_triton(*args, out=torch.empty(1, 1, 40, dtype=torch.float16))
+    with pytest.raises(ValueError, match="form: expected"):
+        compress_triton(*args, form="flash")
+
+
+# --- GPU only -------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grid", [1, 2, 8])
+@pytest.mark.parametrize("batch", [1, 4096])
+def test_gpu_bf16_llava_mini_shapes(batch, grid, device):
+    n, dim, heads = 576, 1024, 8
+    weights = [w.to(device) for w in make_weights(dim, grid)]
+    x = make_x(batch, n, dim, torch.bfloat16, "contiguous").to(device)
+    out = torch.full((batch, grid * grid, dim), math.nan, dtype=torch.bfloat16, device=device)
+    with torch.no_grad():
+        compress_triton(x, *weights, heads, 1e-6, out=out)
+        picked = slice(0, None, max(1, batch // 8))  # the fp64 reference on a sample of the images
+        assert_close_to_fp64(out[picked], x[picked], weights, heads)
+    assert not out.isnan().any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,dim", [(2304, 1024), (729, 1152)])
+def test_gpu_other_grids(n, dim, device):
+    weights = [w.to(device) for w in make_weights(dim, 1)]
+    x = make_x(3, n, dim, torch.bfloat16, "transposed").to(device)
+    with torch.no_grad():
+        assert_close_to_fp64(compress(x, *weights, 8), x, weights, 8)
