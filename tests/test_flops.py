@@ -85,14 +85,25 @@ def test_mask_aware_counts_fewer_attention_pairs_than_dense():
 
 
 def test_prefix_cache_decomposes_the_causal_prefusion_exactly():
-    # Causality: pre-fusion of [vision; compressed; text] = the prefix alone + the text rows after it.
+    # Causality: pre-fusion of [vision; compressed; text] = the prefix rows alone + the text rows after it.
     cfg = LlavaMiniConfig.from_preset(VICUNA)
+    s = F.shapes(cfg)
     whole = F.count_flops(cfg, convention="full", prompt_len=44).flops["prefusion"]
     second = F.count_flops(cfg, convention="full", prompt_len=44, prefix_cached=True)
-    prefix_only = F.count_flops(cfg, convention="full", prompt_len=1).flops["prefusion"]
-    assert prefix_only + second.flops["prefusion"] == whole
-    assert second.flops["vision_encoder"] == second.flops["compressor"] == 0
+    P = 576 + 1
+    prefix_alone = 4 * (F._llama_linear_per_row(s) * P + 4 * s.heads * s.head_dim * P * (P + 1) // 2)
+    assert prefix_alone + second.flops["prefusion"] == whole
+    assert second.flops["vision_encoder"] == second.flops["compressor"] == second.flops["projector"] == 0
     assert second.flops["prefusion"] < whole / 10
+
+
+def test_prefix_split_changes_only_dense_counts():
+    full = [F.count_flops(VICUNA, convention="full", prefix_split=b, prune_last_layer=True).flops["prefusion"]
+            for b in (False, True)]
+    assert full[0] == full[1]
+    dense = [F.count_flops(VICUNA, convention="counted", prefix_split=b).flops["prefusion"] for b in (False, True)]
+    P, L = 577, 44  # split: the prefix rows never compute their (masked) pairs with the text keys
+    assert dense[0] - dense[1] == 4 * P * L * 4 * 4096
 
 
 def test_pruned_last_layer_saves_the_vision_rows():
@@ -121,7 +132,7 @@ def test_hd_video_and_batch_token_bookkeeping():
     hd = F.count_flops("llava-mini-hd-vicuna-7b", convention="paper")
     assert hd.tokens["crops_per_image"] == 5
     assert hd.tokens["llm_prompt"] == 64 + 43
-    assert hd.tokens["prefusion_rows"] == 2304 + 576 + 64 + 43
+    assert hd.tokens["prefusion_rows"] == 2304 + 576 + 64 + 44  # the placeholder row runs as padding
     assert hd.tokens["compressor_input"] == 2304
     one = F.count_flops(VICUNA, convention="paper")
     assert hd.flops["vision_encoder"] == 5 * one.flops["vision_encoder"]
@@ -195,5 +206,58 @@ def test_counted_parts_match_flop_counter(tiny):
     tc.num_hidden_layers = tiny.prefusion_layers
     pre = LlamaModel(tc).eval()
     rows = cost.tokens["prefusion_rows"]
-    assert rows == tiny.num_patches + 1 + L - 1
+    assert rows == tiny.num_patches + 1 + L
     assert _counted(lambda: pre(inputs_embeds=torch.randn(B, rows, 64))) == cost.flops["prefusion"]
+
+
+# --- the whole model under FlopCounterMode ------------------------------------------------------------------
+
+def _ids(L, batch):
+    from llava_mini.lmm.config import IMAGE_TOKEN_INDEX
+
+    row = [1, 5, IMAGE_TOKEN_INDEX] + [7 + i for i in range(L - 3)]
+    return torch.tensor([row] * batch)
+
+
+@pytest.mark.parametrize("case", ["image", "batch2", "hd", "video", "unsplit"])
+def test_counted_whole_model_generate_matches(case):
+    from llava_mini.lmm.model import LlavaMini, Savings
+
+    preset = "tiny-hd" if case == "hd" else "tiny"
+    torch.manual_seed(0)
+    model = LlavaMini.from_preset(preset)
+    # The "torch" backend leaves the CLIP tower on its default (sdpa); FlopCounterMode does not count
+    # CPU SDPA (aten._scaled_dot_product_flash_attention_for_cpu has no FLOP formula), so run it eager.
+    model.vision_tower.config._attn_implementation = "eager"
+    if case == "unsplit":
+        model.savings = Savings(prefix_split=False, prune_last_layer=False)
+    cfg = model.config
+    L, G = 7, 3
+    batch = 2 if case == "batch2" else 1
+    frames = 5 if case == "video" else 1
+    kwargs = dict(input_ids=_ids(L, batch), max_new_tokens=G, stop_token_ids=[], backend="torch")
+    if case == "video":
+        kwargs["videos"] = [torch.rand(frames, 3, cfg.crop_size, cfg.crop_size)]
+    elif case == "hd":
+        kwargs["images"] = torch.rand(batch, 5, 3, cfg.crop_size, cfg.crop_size)
+    else:
+        kwargs["images"] = torch.rand(batch, 3, cfg.crop_size, cfg.crop_size)
+    measured = _counted(lambda: model.generate(**kwargs))
+    split = model.savings.prefix_split or case == "video"
+    cost = F.count_flops(cfg, convention="counted", batch=batch, frames=frames, prompt_len=L, new_tokens=G,
+                         lm_head="last", prefix_split=split, prune_last_layer=model.savings.prune_last_layer)
+    assert measured == cost.total
+
+
+def test_counted_baseline_generate_matches(tiny):
+    from llava_mini.lmm.baseline import LlavaBaseline
+
+    torch.manual_seed(0)
+    model = LlavaBaseline.from_config(tiny)
+    L, G = 6, 3
+    kwargs = dict(images=torch.rand(2, 3, 28, 28), input_ids=_ids(L, 2), max_new_tokens=G, stop_token_ids=[],
+                  backend="torch")
+    measured = _counted(lambda: model.generate(**kwargs))
+    cost = F.count_flops(tiny, model="baseline", convention="counted", batch=2, prompt_len=L, new_tokens=G,
+                         lm_head="last")
+    assert measured == cost.total

@@ -23,8 +23,8 @@ token counts it assumed. Three conventions:
 
 Token bookkeeping (``prompt_len`` = L tokens of one prompt, holding one ``<image>`` placeholder):
 the LLM receives ``L - 1 + frames * C^2`` tokens (baseline: ``L - 1 + frames * 576``); the
-pre-fusion layers see ``[vision ; C^2 compressed ; L - 1 text]`` rows per image or frame (the
-placeholder is not a text row). The paper's rows are reproduced with ``PAPER_PROMPT_LEN = 44``
+pre-fusion layers see ``[vision ; C^2 compressed ; L text]`` rows per image or frame (the model
+embeds the whole prompt and runs the placeholder's row as masked padding, so it is counted). The paper's rows are reproduced with ``PAPER_PROMPT_LEN = 44``
 (43 text tokens + the placeholder).
 """
 
@@ -49,11 +49,11 @@ PAPER_TABLE14 = {
              "llm": 1.460, "total": 1.96},
 }
 PAPER_NOTES = (
-    "With L = 44 (43 text tokens + <image>) the baseline rows (ViT, projector, LLM, total) and the "
-    "LLaVA-Mini total reproduce Table 14 within 0.1%. The paper's split of LLaVA-Mini's 1.585 T between "
-    "pre-fusion (0.125 T) and LLM (1.460 T) is not the architecture's: 4 pre-fusion layers over "
-    "576 + 1 + 43 = 620 rows are 1.004 T and 32 LLM layers (+ lm_head) over 44 tokens are 0.581 T; only "
-    "their sum (1.585 T) matches. The paper's compressor 0.001 T is half of the projected form's "
+    "With L = 44 (43 text tokens + <image>) the baseline rows (ViT 0.349, projector 0.024, LLM 8.180, "
+    "total 8.553 T) and the LLaVA-Mini total (1.963 T) reproduce Table 14 within 0.2%. The paper's split "
+    "of LLaVA-Mini's 1.585 T between pre-fusion (0.125 T) and LLM (1.460 T) is not the architecture's: "
+    "4 pre-fusion layers over 576 + 1 + 44 = 621 rows are 1.005 T and 32 LLM layers (+ lm_head) over "
+    "44 tokens are 0.581 T; only their sum (1.587 T) matches (0.1%). The paper's compressor 0.001 T is half of the projected form's "
     "2 x MACs (K and V projections of 576 tokens: 0.0024 T), i.e. MACs, or one projection; the "
     "absorbed form the fused kernel runs is ~0.00001 T. The gap is 0.07% of the total."
 )
@@ -211,20 +211,40 @@ def _vision_flops(s: _Shapes, config: LlavaMiniConfig, crops: int, attn: bool) -
     return crops * (conv + s.vlayers * per_layer)
 
 
-def _compressor_flops(s: _Shapes, config: LlavaMiniConfig, images: int, n: int, form: str, convention: str) -> int:
-    """The compressor over ``images`` inputs of ``n`` tokens each."""
+def _compressor_flops(s: _Shapes, config: LlavaMiniConfig, images: int, n: int, form: str, convention: str,
+                      calls: int = 1) -> int:
+    """The compressor over ``images`` inputs of ``n`` tokens each, in ``calls`` launches."""
     q, dv, h = config.tokens_per_image, s.dv, config.compressor_heads
     if form == "projected":
         per_image = 2 * 2 * n * dv * dv  # K and V projections
         if convention == "paper":
             return images * (per_image + 2 * 2 * q * dv * dv)  # + Q and O projections per image
         per_image += 2 * 2 * q * n * dv + 2 * q * dv * dv  # scores + PV, out projection
-        return images * per_image + 2 * q * dv * dv  # the query projection once per call
+        return images * per_image + calls * 2 * q * dv * dv  # the query projection once per call
     # absorbed: per call Q projection and W_k^T q per head; per image scores and weighted sums over
     # LN(x) at full width for each head, then W_v per head and the out projection.
     per_call = 2 * q * dv * dv + 2 * q * dv * dv
     per_image = 2 * 2 * h * q * n * dv + 2 * q * dv * dv + 2 * q * dv * dv
-    return per_call + images * per_image
+    return calls * per_call + images * per_image
+
+
+def _prefusion_flops(s: _Shapes, layers: int, n_vis: int, q: int, text: int, attn: bool, mask_aware: bool,
+                     prefix_split: bool, prune_last_layer: bool, prefix_cached: bool) -> int:
+    """Pre-fusion FLOPs for one image/frame, as the model schedules it.
+
+    Split (``prefix_split``): the prefix [vision ; compressed] runs alone (its last layer pruned to
+    the compressed rows when ``prune_last_layer``), then the text rows run against its keys. Not
+    split: one causal stack over all rows (last layer keeping C^2 + text rows when pruned). Under
+    ``mask_aware`` both schedules compute the same pairs; dense (eager) counts differ.
+    """
+    prefix = n_vis + q
+    text_part = _decoder_stack(s, layers, text, prefix, attn, mask_aware)
+    if prefix_cached:
+        return text_part
+    if prefix_split:
+        head = _decoder_stack(s, layers, prefix, 0, attn, mask_aware, q if prune_last_layer else None)
+        return head + text_part
+    return _decoder_stack(s, layers, prefix + text, 0, attn, mask_aware, q + text if prune_last_layer else None)
 
 
 # --- the result -------------------------------------------------------------------------------------
@@ -294,7 +314,9 @@ def count_flops(
     compressor_form: str | None = None,
     prune_last_layer: bool = False,
     prefix_cached: bool = False,
+    prefix_split: bool = False,
     lm_head: str | None = None,
+    encode_calls: int = 1,
     dtype="bf16",
 ) -> Cost:
     """Count FLOPs (and minimal bytes) per stage of one forward workload.
@@ -312,10 +334,14 @@ def count_flops(
         compressor_form: ``"projected"``, ``"absorbed"`` or ``"auto"`` (absorbed while
             heads * C^2 < vision width, as the fused kernel dispatches). Default: projected for
             ``paper`` and ``counted``, auto for ``full``.
-        prune_last_layer: the last pre-fusion layer computes only the C^2 + text rows (``full``).
+        prune_last_layer: the last pre-fusion layer computes only the C^2 + text rows.
         prefix_cached: the vision and compressed rows' pre-fusion states are cached from an earlier
             question on the same image: only the text rows are computed (``full``), and the vision
             tower, projector and compressor are not run again.
+        prefix_split: schedule pre-fusion as the model's ``Savings.prefix_split`` does (prefix rows
+            first, then text rows against their keys). Changes only dense (``counted``) counts.
+        encode_calls: compressor launches (the query projection is paid once per launch; the
+            model makes one per ``embed_vision`` call: one per image batch, one per frame chunk).
         lm_head: ``"all"`` positions or ``"last"``; default all for ``paper``/``counted``, last for ``full``.
         dtype: the element size for the byte counts.
 
@@ -330,6 +356,7 @@ def count_flops(
     _nonneg_int("frames", frames, 1)
     _nonneg_int("prompt_len", prompt_len, 1)
     _nonneg_int("new_tokens", new_tokens, 0)
+    _nonneg_int("encode_calls", encode_calls, 1)
     if hd is None:
         hd = config.resolution_ratio > 1
     if hd and config.resolution_ratio < 2:
@@ -359,9 +386,9 @@ def count_flops(
     crops_per_image = r * r + 1 if hd else 1
     np_ = config.num_patches
     images = batch * frames
-    text_rows = prompt_len - 1
+    text_rows = prompt_len  # pre-fusion runs every prompt row; the placeholder's row is masked padding
     q = config.tokens_per_image if model == "mini" else np_
-    llm_tokens = text_rows + frames * q  # per prompt
+    llm_tokens = prompt_len - 1 + frames * q  # per prompt
 
     flops = dict.fromkeys(STAGES, 0)
     byts = dict.fromkeys(STAGES, 0)
@@ -388,25 +415,27 @@ def count_flops(
             if form == "auto":
                 form = "absorbed" if config.compressor_heads * q < s.dv else "projected"
             tokens["compressor_absorbed"] = int(form == "absorbed")
-            flops["compressor"] = _compressor_flops(s, config, images, n_comp_in, form, convention)
+            flops["compressor"] = _compressor_flops(s, config, images, n_comp_in, form, convention, encode_calls)
             byts["compressor"] = nbytes * (params["compressor"] + images * (n_comp_in + q) * s.dv)
         # pre-fusion, per image/frame: [vision ; compressed ; text]
         if config.prefusion_layers:
-            if prefix_cached:
-                prefix, rows, last = n_vis + q, text_rows, None
-            else:
-                prefix, rows = 0, n_vis + q + text_rows
-                last = q + text_rows if prune_last_layer else None
-            flops["prefusion"] = images * _decoder_stack(s, config.prefusion_layers, rows, prefix, attn,
-                                                         mask_aware, last)
+            flops["prefusion"] = images * _prefusion_flops(
+                s, config.prefusion_layers, n_vis, q, text_rows, attn, mask_aware,
+                prefix_split=prefix_split, prune_last_layer=prune_last_layer, prefix_cached=prefix_cached)
             kv_row = 2 * s.kv_heads * s.head_dim
+            rows = text_rows if prefix_cached else n_vis + q + text_rows
             byts["prefusion"] = nbytes * (params["prefusion"] + images * (
-                2 * rows * s.d + config.prefusion_layers * (prefix + rows) * kv_row))
+                2 * rows * s.d + config.prefusion_layers * (n_vis + q + text_rows) * kv_row))
     if run_vision:
         flops["projector"] = 2 * proj_rows * (s.dv * s.d + s.d * s.d)
         byts["projector"] = nbytes * (params["projector"] + proj_rows * (s.dv + s.d))
 
-    # LLM prefill and lm_head
+    # LLM prefill and lm_head. transformers' LLaVA-1.5 adds <image> to the vocabulary and pads it to
+    # a multiple of 64 (32000 -> 32064): counted for the baseline outside the paper convention.
+    vocab = s.vocab
+    if model == "baseline" and convention != "paper":
+        vocab = (s.vocab // 64 + 1) * 64
+        s = dataclasses.replace(s, vocab=vocab)
     flops["llm_prefill"] = batch * _decoder_stack(s, s.layers, llm_tokens, 0, attn, mask_aware)
     kv_row = 2 * s.kv_heads * s.head_dim
     # decoder layers + final norm (the embedding table is gathered, not streamed; lm_head apart)
@@ -428,14 +457,15 @@ def count_flops(
 
     workload = dict(config=config.name, batch=batch, frames=frames, hd=bool(hd), prompt_len=prompt_len,
                     new_tokens=new_tokens, compressor_form=compressor_form, prune_last_layer=prune_last_layer,
-                    prefix_cached=prefix_cached, lm_head=lm_head, dtype=str(dtype).removeprefix("torch."))
+                    prefix_cached=prefix_cached, prefix_split=prefix_split, lm_head=lm_head, dtype=str(dtype).removeprefix("torch."))
     return Cost(model=model, convention=convention, flops=flops, bytes=byts, decode_steps=steps,
                 tokens=tokens, workload=workload)
 
 
 def compare(config, **kwargs) -> dict[str, Cost]:
     """``{"mini": Cost, "baseline": Cost}`` for the same workload (pre-fusion options apply to mini)."""
-    base_kwargs = {k: v for k, v in kwargs.items() if k not in ("prune_last_layer", "prefix_cached", "compressor_form")}
+    base_kwargs = {k: v for k, v in kwargs.items() if k not in ("prune_last_layer", "prefix_cached", "prefix_split",
+                                                                   "compressor_form", "encode_calls")}
     return {"mini": count_flops(config, model="mini", **kwargs),
             "baseline": count_flops(config, model="baseline", **base_kwargs)}
 
