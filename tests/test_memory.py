@@ -1,0 +1,152 @@
+"""Memory: KV bytes, weight bytes, the frames-in-budget planner, and measured KV growth on the tiny model."""
+
+import pytest
+import torch
+
+from llava_mini.lmm.config import IMAGE_TOKEN_INDEX, LlavaMiniConfig
+from llava_mini.profiling import memory as M
+
+KiB, MiB, GiB = M.KiB, M.MiB, M.GiB
+
+
+def test_kv_bytes_rows():
+    assert M.kv_bytes_per_token("llava-mini-vicuna-7b", "fp16") == 512 * KiB
+    assert M.kv_bytes_per_token("llava-mini-llama-3.1-8b", torch.float16) == 128 * KiB
+    assert M.kv_bytes_per_token("llava-mini-llama-3.1-8b", "fp32") == 256 * KiB
+    assert M.kv_bytes_per_image("llava-mini-vicuna-7b") == 512 * KiB
+    assert M.kv_bytes_per_image("llava-mini-vicuna-7b", model="baseline") == 576 * 512 * KiB
+    assert M.tokens_per_image("llava-mini-hd-vicuna-7b") == 64
+
+
+def test_weight_bytes_match_the_built_models():
+    from llava_mini.lmm.baseline import LlavaBaseline
+    from llava_mini.lmm.model import LlavaMini
+
+    cfg = LlavaMiniConfig.from_preset("tiny")
+    mini = LlavaMini.from_config(cfg)
+    numel = sum(p.numel() for p in mini.parameters())
+    assert M.weight_bytes(cfg, "mini", "fp32")["total"] == 4 * numel
+    base = LlavaBaseline.from_config(cfg)
+    assert M.weight_bytes(cfg, "baseline", "fp32")["total"] == 4 * sum(p.numel() for p in base.parameters())
+    # 7B scale, sanity: Vicuna-7B LLM is 6.74 B parameters
+    llm = M.weight_bytes("llava-mini-vicuna-7b", dtype="bf16")["llm"] / 2
+    assert abs(llm - 6.738e9) / 6.738e9 < 0.01
+
+
+def test_plan_fits_exactly_and_targets():
+    p = M.plan("llava-mini-llama-3.1-8b", vram_bytes=24 * GiB, dtype="bf16")
+    assert p.kv_per_frame == 128 * KiB
+    assert p.max_frames >= 10_000  # the paper's claim, on paper
+    assert max(p.prefill_peak(p.max_frames), p.encode_peak(p.max_frames)) <= p.budget
+    assert max(p.prefill_peak(p.max_frames + 1), p.encode_peak(p.max_frames + 1)) > p.budget
+    base = M.plan("llava-mini-llama-3.1-8b", model="baseline")
+    assert base.kv_per_frame == 576 * 128 * KiB
+    assert 0 < base.max_frames < p.max_frames / 100
+    # more memory, more frames; a bigger margin, fewer
+    assert M.plan("llava-mini-llama-3.1-8b", vram_bytes=48 * GiB).max_frames > p.max_frames
+    assert M.plan("llava-mini-llama-3.1-8b", margin=0.2).max_frames < p.max_frames
+    # keeping every frame's pre-fusion prefix K/V costs ~80x the LLM KV per frame
+    kept = M.plan("llava-mini-llama-3.1-8b", keep_prefix_kv=True)
+    assert kept.max_frames < p.max_frames / 20
+    tiny = M.plan("tiny", vram_bytes=1 * KiB)
+    assert tiny.max_frames == 0 and tiny.bound_by == "weights"
+
+
+def test_plan_errors_name_the_argument():
+    with pytest.raises(ValueError, match="vram_bytes"):
+        M.plan("tiny", vram_bytes=-1)
+    with pytest.raises(ValueError, match="margin"):
+        M.plan("tiny", margin=1.5)
+    with pytest.raises(ValueError, match="preset"):
+        M.plan("nope")
+    with pytest.raises(ValueError, match="prompt_len"):
+        M.plan("tiny", prompt_len=0)
+    with pytest.raises(ValueError, match="attn"):
+        M.plan("tiny", attn="xformers")
+    with pytest.raises(ValueError, match="model"):
+        M.kv_bytes_per_image("tiny", model="gpt")
+    with pytest.raises(ValueError, match="counts"):
+        M.measure_slope(lambda n: None, [3])
+    with pytest.raises(ValueError, match="method"):
+        M.measure_slope(lambda n: None, [1, 2], method="cuda_peak", device="cpu")
+
+
+def _ids(L=6):
+    return torch.tensor([[1, 5, IMAGE_TOKEN_INDEX] + list(range(7, 7 + L - 3))])
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from llava_mini.lmm.model import LlavaMini
+
+    torch.manual_seed(0)
+    return LlavaMini.from_preset("tiny")
+
+
+def test_measured_kv_growth_per_frame_equals_plan(tiny_model):
+    """Measured on CPU: the LLM cache's tensor bytes after a video prefill, per added frame."""
+    model = tiny_model
+    s = model.config.crop_size
+
+    def run(frames):
+        with torch.no_grad():
+            enc = model.encode(videos=[torch.rand(frames, 3, s, s)], input_ids=_ids())
+            out = model.llm(inputs_embeds=enc.inputs_embeds, attention_mask=enc.attention_mask, use_cache=True,
+                            logits_to_keep=1)
+        return out.past_key_values
+
+    meas = M.measure_slope(run, [1, 3, 6], method="kv_tensors")
+    p = M.plan(model.config, dtype=torch.float32, prompt_len=6)
+    assert meas.slope == p.kv_per_frame  # exact: tensor bytes
+    assert meas.intercept == 5 * p.kv_per_token  # the L - 1 text tokens
+    assert meas.bytes[0] == (1 + 5) * p.kv_per_token
+
+
+def test_measured_rss_method_runs():
+    meas = M.measure_slope(lambda n: torch.ones(n, 1 << 18), [1, 2], method="rss")
+    assert meas.method == "rss" and len(meas.bytes) == 2 and "sanity" in meas.tolerance
+
+
+def test_cache_bytes_reads_caches_and_rejects_junk():
+    t = torch.zeros(2, 3, dtype=torch.float16)
+    assert M.cache_bytes(((t, t), (t, t))) == 4 * 12
+    assert M.cache_bytes(None) == 0
+    with pytest.raises(TypeError, match="cache"):
+        M.cache_bytes(object())
+    assert M.format_bytes(512 * KiB) == "512.0 KiB"
+
+
+@pytest.mark.gpu
+def test_budget_search_finds_the_cap():
+    dev = torch.device("cuda")
+    resident = torch.cuda.memory_allocated(dev)
+    budget = resident + 256 * MiB
+
+    def run(n):
+        return torch.empty(n * MiB, dtype=torch.uint8, device=dev)
+
+    found = M.max_frames_in_budget(run, vram_bytes=budget, lo=1, hi=1024)
+    assert 128 <= found["max_frames"] <= 256
+    # the cap is lifted afterwards
+    x = torch.empty(512 * MiB, dtype=torch.uint8, device=dev)
+    del x
+
+
+@pytest.mark.gpu
+def test_cuda_peak_slope_of_kv():
+    from llava_mini.lmm.model import LlavaMini
+
+    model = LlavaMini.from_preset("tiny", device="cuda")
+    s = model.config.crop_size
+
+    def run(frames):
+        with torch.no_grad():
+            enc = model.encode(videos=[torch.rand(frames, 3, s, s)], input_ids=_ids())
+            return model.llm(inputs_embeds=enc.inputs_embeds, attention_mask=enc.attention_mask, use_cache=True,
+                             logits_to_keep=1).past_key_values
+
+    meas = M.measure_slope(run, [64, 128, 256], device="cuda")
+    p = M.plan(model.config, dtype=torch.float32, prompt_len=6)
+    assert meas.slope >= p.kv_per_frame  # the peak holds the KV plus activations
+    # one chunk holds every frame of the tiny model: the encode peak per frame bounds the rest
+    assert meas.slope <= 2 * (M.encode_chunk_peak_bytes(model.config, 1, 6, torch.float32) + p.per_frame)
