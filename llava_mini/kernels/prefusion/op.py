@@ -39,7 +39,7 @@ def _prefusion_attention_op(
 
 @_prefusion_attention_op.register_fake
 def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 def causal_pairs(q_len: int, k_len: int) -> int:

@@ -184,11 +184,12 @@ def prefusion_attention_triton(
 
     Padded layout: q [B, Lq, H, d], k/v [B, Lk, Hkv, d]. Packed layout: q [total_q, H, d],
     k/v [total_k, Hkv, d] with int32 ``cu_seqlens_q/k`` [B + 1] and ``max_seqlen_q``.
-    Any strides. ``out`` (shaped like q) is written in full when given.
+    Any strides. ``out`` (shaped like q, any strides) is written in full when given.
     """
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    out = torch.empty_like(q) if out is None else out
+    # A contiguous output whatever q's strides: callers reshape it to [..., H * d] without a copy.
+    out = q.new_empty(q.shape) if out is None else out
     varlen = cu_seqlens_q is not None
     if varlen:
         # View packed tensors as one "batch" row of the padded layout: only strides 1..3 are read.
