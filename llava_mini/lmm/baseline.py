@@ -72,9 +72,10 @@ class LlavaBaseline(nn.Module):
     @contextlib.contextmanager
     def backend_scope(self, backend: str | None = None):
         name = backends.validate(backend) if backend is not None else (self._backend or backends.get_backend())
-        config = self.model.config
+        # The LLM only: the kernels are causal, CLIP's attention is not.
+        config = self.model.config.text_config
         previous = config._attn_implementation
-        config._attn_implementation = backends.attn_implementation(name)  # recurses into both sub-configs
+        config._attn_implementation = backends.attn_implementation(name)
         try:
             yield name
         finally:

@@ -23,8 +23,11 @@ CLIP_L_336_NAME = "openai/clip-vit-large-patch14-336"
 INDEX_FILE = "model.safetensors.index.json"
 
 # (our state-dict prefix, released prefix); longest first so the mapping is unambiguous.
+# CLIPVisionModel's own keys start with "vision_model." in some transformers 5.x releases and not
+# in others; both map onto the released "...vision_tower.vision_model." names.
 KEY_PREFIXES = [
-    ("vision_tower.", "model.vision_tower.vision_tower."),
+    ("vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model."),
+    ("vision_tower.", "model.vision_tower.vision_tower.vision_model."),
     ("prefusion.layers.", "model.prefusion_layers."),
     ("mm_projector.", "model.mm_projector."),
     ("compressor.", "model.compressor."),
@@ -46,9 +49,10 @@ def to_released(name: str) -> str:
     raise KeyError(f"no released name for parameter {name!r}")
 
 
-def from_released(name: str) -> str | None:
+def from_released(name: str, ours_keys) -> str | None:
+    """Our name for released key ``name`` among ``ours_keys``, or None."""
     for ours, released in KEY_PREFIXES:  # the vision/prefusion prefixes are checked before plain "model."
-        if name.startswith(released):
+        if name.startswith(released) and ours + name[len(released):] in ours_keys:
             return ours + name[len(released):]
     return None
 
@@ -157,8 +161,8 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
     expected = model.state_dict()
     loaded, unexpected, misshapen = {}, [], []
     for key, tensor in read_tensors(path).items():
-        ours = from_released(key)
-        if ours is None or ours not in expected:
+        ours = from_released(key, expected)
+        if ours is None:
             if not key.endswith(IGNORABLE_SUFFIXES):
                 unexpected.append(key)
             continue

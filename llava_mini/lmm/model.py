@@ -244,21 +244,24 @@ class LlavaMini(nn.Module):
             if not any(sources):
                 return LLMInput.left_pad([self.llm.get_input_embeddings()(torch.tensor(r, device=self.device).clamp(min=0))
                                           for r in ids])
+            for i, row in enumerate(ids):
+                self.image_position(row, i)
             if videos is not None:
                 videos = list(videos) if isinstance(videos, (list, tuple)) else [videos]
                 ids = self.broadcast(ids, len(videos), "videos")
                 fused = [self.fuse_video(self.prepare_video(v, fps, max_frames), r) for v, r in zip(videos, ids)]
             else:
-                if prefix is None and not self.savings.prefix_split:
+                if prefix is None:
                     pixels = self.prepare_images(images)
                     ids = self.broadcast(ids, pixels.shape[0], "images")
-                    fused = zip(*self.fuse_reference(*self.embed_vision(pixels), ids))
-                else:
-                    if prefix is None:
-                        prefix = self.prefusion.prefix(*self.embed_vision(self.prepare_images(images)),
-                                                       prune_last_layer=self.savings.prune_last_layer)
+                    vision, compressed = self.embed_vision(pixels)
+                    if self.savings.prefix_split:
+                        prefix = self.prefusion.prefix(vision, compressed, self.savings.prune_last_layer)
+                if prefix is not None:
                     ids = self.broadcast(ids, prefix.compressed.shape[0], "prefix")
                     fused = zip(*self.fuse_text(prefix, ids))
+                else:
+                    fused = zip(*self.fuse_reference(vision, compressed, ids))
             image_pos = [self.image_position(r, i) for i, r in enumerate(ids)]
             return LLMInput.left_pad([torch.cat([text[:p], vis, text[p + 1:len(r)]])
                                       for (vis, text), p, r in zip(fused, image_pos, ids)])

@@ -35,7 +35,7 @@ def to_float_image(image, argument: str = "image") -> torch.Tensor:
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise ValueError(f"{argument}: expected a numpy array [H, W, 3], got shape {list(image.shape)}")
         scale = 255.0 if image.dtype == np.uint8 else 1.0
-        return torch.from_numpy(np.ascontiguousarray(image[..., :3])).permute(2, 0, 1).float() / scale
+        return torch.from_numpy(np.array(image[..., :3])).permute(2, 0, 1).float() / scale
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"{argument}: expected a tensor [3, H, W], got shape {list(image.shape)}")

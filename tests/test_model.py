@@ -1,0 +1,214 @@
+"""The whole tiny LLaVA-Mini: image, HD and video paths, batching, generation, pre-fusion semantics."""
+
+import pytest
+import torch
+
+from llava_mini.lmm import IMAGE_TOKEN_INDEX as IMG
+from llava_mini.lmm import LlavaMini, Savings
+
+ATOL = 2e-5
+
+
+def model_of(preset="tiny", seed=0, **savings):
+    torch.manual_seed(seed)
+    model = LlavaMini.from_preset(preset, dtype=torch.float32)
+    model.savings = Savings(**savings)
+    return model
+
+
+def reference_savings():
+    return dict(prefix_split=False, prune_last_layer=False, batch_frames=False)
+
+
+def images(n, size=28, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, size + 3 * i, size + 5 * i, generator=g) for i in range(n)]
+
+
+PROMPTS = [[1, 5, IMG, 7, 8], [1, IMG, 9, 10, 11, 12, 13, 14]]
+
+
+def test_image_path_gives_one_token_per_image():
+    model = model_of()
+    out = model.encode(images(2), PROMPTS)
+    assert out.inputs_embeds.shape == (2, 8, 64)  # L - 1 + C^2 for the longer prompt
+    assert out.attention_mask.sum(-1).tolist() == [5, 8]
+    assert torch.isfinite(out.inputs_embeds).all()
+
+
+def test_hd_path_compresses_tiled_crops():
+    model = model_of("tiny-hd")
+    seen = {}
+    model.compressor.register_forward_hook(lambda m, args, out: seen.update(n=args[0].shape[1]))
+    out = model.encode(images(1, size=56), [PROMPTS[0]])
+    assert seen["n"] == 4 * model.config.num_patches  # the 2x2 crops tiled into one map
+    assert out.inputs_embeds.shape == (1, 4 + 4, 64)  # L - 1 + C^2 with C = 2
+
+
+def test_video_path_concatenates_frame_tokens():
+    model = model_of()
+    frames = images(3)
+    out = model.encode(videos=[frames], input_ids=[PROMPTS[0]])
+    assert out.inputs_embeds.shape == (1, 4 + 3, 64)
+
+
+def test_batch_of_two_equals_each_alone():
+    model = model_of(**reference_savings())
+    imgs = images(2)
+    batch = model.encode(imgs, PROMPTS)
+    for i in range(2):
+        alone = model.encode([imgs[i]], [PROMPTS[i]])
+        n = alone.inputs_embeds.shape[1]
+        torch.testing.assert_close(batch.inputs_embeds[i, -n:], alone.inputs_embeds[0], atol=ATOL, rtol=0)
+        assert batch.attention_mask[i, :-n].sum() == 0
+    tokens = model.generate(imgs, PROMPTS, max_new_tokens=6, stop_token_ids=[])
+    for i in range(2):
+        assert torch.equal(tokens[i], model.generate([imgs[i]], [PROMPTS[i]], max_new_tokens=6, stop_token_ids=[])[0])
+
+
+def test_greedy_generation_with_kv_cache_equals_without():
+    model = model_of()
+    imgs = images(2)
+    cached = model.generate(imgs, PROMPTS, max_new_tokens=8, stop_token_ids=[])
+    uncached = model.generate(imgs, PROMPTS, max_new_tokens=8, stop_token_ids=[], use_cache=False)
+    assert cached.shape == (2, 8)
+    assert torch.equal(cached, uncached)
+
+
+def test_stop_tokens_end_rows_and_pad_them():
+    model = model_of()
+    first = model.generate(images(1), [PROMPTS[0]], max_new_tokens=4, stop_token_ids=[])[0]
+    stopped = model.generate(images(1), [PROMPTS[0]], max_new_tokens=4, stop_token_ids=[int(first[0])])
+    assert stopped.shape == (1, 1) and stopped[0, 0] == first[0]
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    model = model_of()
+    kw = dict(max_new_tokens=5, do_sample=True, temperature=0.7, top_k=3, stop_token_ids=[])
+    a = model.generate(images(1), [PROMPTS[0]], generator=torch.Generator().manual_seed(3), **kw)
+    b = model.generate(images(1), [PROMPTS[0]], generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a, b)
+    top1 = model.generate(images(1), [PROMPTS[0]], max_new_tokens=5, do_sample=True, top_k=1, stop_token_ids=[])
+    assert torch.equal(top1, model.generate(images(1), [PROMPTS[0]], max_new_tokens=5, stop_token_ids=[]))
+
+
+# --- pre-fusion semantics ---------------------------------------------------------------------------
+def test_vision_and_compressed_rows_do_not_depend_on_the_text():
+    model = model_of(**reference_savings())
+    vision, compressed = model.embed_vision(model.prepare_images(images(1)))
+    n = vision.shape[1] + compressed.shape[1]
+    outs = []
+    for ids in ([1, 5, 6, 7], [1, 9, 9, 9, 9, 9, 3]):
+        text, valid = model.embed_text([ids])
+        x = torch.cat([vision, compressed, text], dim=1)
+        full_valid = torch.cat([valid.new_ones(1, n), valid], dim=1)
+        outs.append(model.prefusion.reference(x, full_valid)[:, :n])
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+
+
+def test_padding_is_ignored_and_positions_follow_valid_tokens():
+    """Inserting padding rows (ids <= 0) anywhere leaves every real row's output unchanged."""
+    model = model_of()
+    torch.manual_seed(5)
+    x = torch.randn(1, 6, 64)
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    plain = model.prefusion.reference(x, valid)
+    padded_x = torch.cat([x[:, :3], torch.randn(1, 2, 64), x[:, 3:], torch.randn(1, 1, 64)], dim=1)
+    padded_valid = torch.tensor([[1, 1, 1, 0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    out = model.prefusion.reference(padded_x, padded_valid)
+    torch.testing.assert_close(out[padded_valid], plain[0], atol=ATOL, rtol=0)
+    # and the positions really matter: shifting them changes the result
+    assert not torch.allclose(model.prefusion.reference(x[:, 1:], valid[:, 1:]), plain[:, 1:], atol=1e-3)
+
+
+def test_llm_input_places_vision_tokens_at_the_image_placeholder():
+    model = model_of(**reference_savings())
+    vision, compressed = model.embed_vision(model.prepare_images(images(1)))
+    fused_vis, fused_text = model.fuse_reference(vision, compressed, [PROMPTS[0]])
+    out = model.encode(images(1), [PROMPTS[0]]).inputs_embeds[0]
+    torch.testing.assert_close(out, torch.cat([fused_text[0, :2], fused_vis[0], fused_text[0, 3:]]), atol=0, rtol=0)
+
+
+def test_without_prefusion_layers_the_text_is_plain_embeddings():
+    torch.manual_seed(0)
+    model = LlavaMini.from_preset("tiny", prefusion_layers=0)
+    out = model.encode(images(1), [PROMPTS[0]]).inputs_embeds[0]
+    emb = model.llm.get_input_embeddings()(torch.tensor([1, 5, 7, 8]))
+    torch.testing.assert_close(out[[0, 1, 3, 4]], emb, atol=0, rtol=0)
+
+
+# --- the exact savings (issue: pre-fusion) -----------------------------------------------------------
+@pytest.mark.parametrize("savings", [dict(prefix_split=True, prune_last_layer=False),
+                                     dict(prefix_split=False, prune_last_layer=True),
+                                     dict(prefix_split=True, prune_last_layer=True)])
+def test_each_saving_gives_the_reference_output(savings):
+    ref = model_of(**reference_savings()).encode(images(2), PROMPTS)
+    out = model_of(**savings).encode(images(2), PROMPTS)
+    torch.testing.assert_close(out.inputs_embeds, ref.inputs_embeds, atol=ATOL, rtol=0)
+
+
+def test_prefix_cache_answers_a_second_question_over_text_only():
+    model = model_of()
+    imgs = images(2)
+    prefix = model.prefix(images=imgs)
+    calls = []
+    model.vision_tower.register_forward_hook(lambda *a: calls.append(1))
+    second = [[1, IMG, 21, 22], [1, 23, IMG, 24, 25, 26]]
+    cached = model.encode(prefix=prefix, input_ids=second)
+    assert not calls  # the vision tower did not run again
+    fresh = model_of(**reference_savings()).encode(imgs, second)
+    torch.testing.assert_close(cached.inputs_embeds, fresh.inputs_embeds, atol=ATOL, rtol=0)
+
+
+def test_batched_video_frames_equal_the_per_frame_loop():
+    frames = images(5)
+    loop = model_of(**reference_savings()).encode(videos=[frames], input_ids=[PROMPTS[1]])
+    model = model_of(frame_budget_bytes=1)  # chunks of one frame
+    assert model.frame_chunk() == 1
+    chunked = model.encode(videos=[frames], input_ids=[PROMPTS[1]])
+    batched = model_of().encode(videos=[frames], input_ids=[PROMPTS[1]])
+    torch.testing.assert_close(batched.inputs_embeds, loop.inputs_embeds, atol=ATOL, rtol=0)
+    torch.testing.assert_close(chunked.inputs_embeds, loop.inputs_embeds, atol=ATOL, rtol=0)
+
+
+def test_video_prefix_reused_for_a_second_question():
+    model = model_of()
+    frames = images(3)
+    prefix = model.prefix(video=frames)
+    assert prefix.compressed.shape[0] == 3
+    want = model.encode(videos=[frames], input_ids=[PROMPTS[1]])
+    # one prompt over all frames: the per-frame text rows are averaged, as encode does
+    fused = model.fuse_text(prefix, [PROMPTS[1]] * 3)[1].float().mean(0)
+    got = torch.cat([fused[:1], prefix.compressed.flatten(0, 1), fused[2:]])
+    torch.testing.assert_close(got, want.inputs_embeds[0], atol=ATOL, rtol=0)
+
+
+# --- backend switch ----------------------------------------------------------------------------------
+def test_backend_switch_model_call_and_environment(monkeypatch):
+    model = model_of()
+    ref = model.encode(images(1), [PROMPTS[0]]).inputs_embeds
+    model.set_backend("sdpa")
+    torch.testing.assert_close(model.encode(images(1), [PROMPTS[0]]).inputs_embeds, ref, atol=ATOL, rtol=0)
+    seen = []
+    model.prefusion.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a: seen.append(m.config._attn_implementation))
+    model.encode(images(1), [PROMPTS[0]], backend="torch")
+    assert set(seen) == {"eager"}
+    seen.clear()
+    model.encode(images(1), [PROMPTS[0]])
+    assert set(seen) == {"sdpa"}
+    assert model.llm.config._attn_implementation == "eager"  # restored after the call
+    model.set_backend(None)
+    monkeypatch.setenv("LLAVA_MINI_BACKEND", "sdpa")
+    model.encode(images(1), [PROMPTS[0]])
+    assert seen[-1] == "sdpa"
+    monkeypatch.setenv("LLAVA_MINI_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="LLAVA_MINI_BACKEND"):
+        model.encode(images(1), [PROMPTS[0]])
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="backend: unknown backend 'cuda'"):
+        model_of().set_backend("cuda")
+    with pytest.raises(ValueError, match="backend"):
+        model_of().encode(images(1), [PROMPTS[0]], backend="nope")
