@@ -94,6 +94,16 @@ def test_fused_matches_fp64_reference(batch, n, dim, heads, grid, layout, form, 
     assert_close_to_fp64(out.cpu(), x.cpu(), [w.cpu() for w in weights], heads)
 
 
+def test_projected_form_in_batch_chunks(device, monkeypatch, poisoned_workspace):
+    batch, n, dim, heads, grid = 5, 25, 40, 4, 2
+    monkeypatch.setattr(fused, "PROJECTED_CHUNK_BYTES", 2 * 3 * n * dim * 4)  # two images per chunk
+    weights = [w.to(device) for w in make_weights(dim, grid)]
+    x = make_x(batch, n, dim, torch.float32, "transposed").to(device)
+    out = torch.full((batch, grid * grid, dim), math.nan, device=device)
+    compress_triton(x, *weights, heads, 1e-6, form="projected", out=out)
+    assert_close_to_fp64(out.cpu(), x.cpu(), [w.cpu() for w in weights], heads)
+
+
 def test_dispatch_rule():
     # D=1024, 8 heads: C=1 and C=2 run absorbed, C=8 projected (the accumulator budget).
     assert choose_form(8, 1, 1024) == "absorbed"

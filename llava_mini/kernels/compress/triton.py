@@ -39,6 +39,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # values it would spill, and the projected form wins anyway (H*C^2 approaching D).
 ABSORBED_MAX_ACCUMULATOR = 32 * 1024
 LOG2E = 1.4426950408889634
+# The projected form materialises LN(x), K and V; it runs over batch chunks of at most this many bytes.
+PROJECTED_CHUNK_BYTES = 2 << 30
 
 
 def interpreting() -> bool:
@@ -178,8 +180,9 @@ def _derive_weights(form, dtype, n, query, pos_embed, in_proj_weight, in_proj_bi
 def _configs():
     if interpreting():
         return [triton.Config({"BLOCK_N": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": block_n}, num_warps=warps)
-            for block_n in (16, 32) for warps in (4, 8, 16)]
+    # x tile and accumulator both hold [*, D] fp32 rows: more warps spread them over more registers.
+    return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+            for block_n in (16, 32) for warps in (4, 8, 16) for stages in (2, 3)]
 
 
 @triton.autotune(configs=_configs(), key=["rows_per_split", "BLOCK_D", "BLOCK_HQ"])
@@ -324,9 +327,15 @@ def compress_triton(x, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_
         return out
     derived = derived_weights(form, x.dtype, n, weights, num_heads, eps)
     if form == "absorbed":
-        heads = _absorbed_heads(x, derived, num_heads, num_queries, eps, splits)
+        chunk = batch
     else:
-        heads = _projected_heads(x, derived, num_heads, num_queries, eps)
-    torch.addmm(derived["out_proj_bias"], heads.view(-1, dim), derived["out_proj_weight"].t(),
-                out=out.view(-1, dim))
+        chunk = max(1, PROJECTED_CHUNK_BYTES // (3 * n * dim * x.element_size()))
+    for start in range(0, batch, chunk):
+        x_chunk, out_chunk = x[start:start + chunk], out[start:start + chunk]
+        if form == "absorbed":
+            heads = _absorbed_heads(x_chunk, derived, num_heads, num_queries, eps, splits)
+        else:
+            heads = _projected_heads(x_chunk, derived, num_heads, num_queries, eps)
+        torch.addmm(derived["out_proj_bias"], heads.view(-1, dim), derived["out_proj_weight"].t(),
+                    out=out_chunk.view(-1, dim))
     return out

@@ -1,0 +1,124 @@
+"""Benchmark: the fused compressor against the reference path and nn.MultiheadAttention (GPU only).
+
+One run measures, side by side: the GPU's copy bandwidth, then for every (B, C, N) at D=1024,
+8 heads, bf16 the fused op, ``compress_ref`` and the released module's ``nn.MultiheadAttention``
+forward (triton.testing.do_bench medians). It prints a table and writes
+``bench/results/<gpu>/compress.json``. Timings are reported, never asserted.
+
+    PYTHONPATH=. python bench/test_bench_compress.py      # the full sweep
+    pytest bench/test_bench_compress.py -s                 # the same, under pytest-benchmark
+
+Baselines that would not fit in memory (they materialise K and V for every image) are timed on the
+largest power-of-two sub-batch that fits and scaled linearly; ``baseline_batch`` records which.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from llava_mini.kernels.compress import choose_form, compress, compress_ref, key_pos_embed, sincos_pos_embed_2d
+from llava_mini.profiling.ceilings import measure_copy_gbps, time_ms
+from llava_mini.profiling.results import write_results
+
+BATCHES = (1, 16, 256, 4096)
+GRIDS = (1, 2, 8)  # C: C^2 queries
+TOKENS = (576, 2304)  # N: one image, or the 2x2 HD crops
+DIM, HEADS, DTYPE = 1024, 8, torch.bfloat16
+BASELINE_BYTES_PER_X_BYTE = 8  # LN(x), K input, K, V, MHA's packed projections ...: a generous bound
+
+
+class MultiheadResampler(nn.Module):
+    """The released resampler's forward, on nn.MultiheadAttention: the semantics users run today."""
+
+    def __init__(self, grid: int):
+        super().__init__()
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(DIM, grid), requires_grad=False)
+        self.query = nn.Parameter(torch.randn(grid * grid, DIM) * 0.02)
+        self.attn = nn.MultiheadAttention(DIM, HEADS, batch_first=True)
+        self.ln_q = nn.LayerNorm(DIM, eps=1e-6)
+        self.ln_kv = nn.LayerNorm(DIM, eps=1e-6)
+
+    def weights(self) -> list[torch.Tensor]:
+        return [self.query, self.pos_embed, self.attn.in_proj_weight, self.attn.in_proj_bias,
+                self.attn.out_proj.weight, self.attn.out_proj.bias,
+                self.ln_q.weight, self.ln_q.bias, self.ln_kv.weight, self.ln_kv.bias]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_kv(x)
+        q = (self.ln_q(self.query) + self.pos_embed).expand(x.shape[0], -1, -1)
+        k = x + key_pos_embed(self.pos_embed, x.shape[1])
+        return self.attn(q, k, x, need_weights=False)[0]
+
+
+def baseline_batch(batch: int, x_bytes_per_image: int) -> int:
+    """The largest power-of-two sub-batch (<= batch) whose baseline intermediates fit in half the free memory."""
+    free, _ = torch.cuda.mem_get_info()
+    sub = batch
+    while sub > 1 and sub * x_bytes_per_image * BASELINE_BYTES_PER_X_BYTE > free // 2:
+        sub //= 2
+    return sub
+
+
+def bench_case(module: MultiheadResampler, batch: int, grid: int, n: int, copy_gbps: float) -> dict:
+    device = torch.device("cuda")
+    x = torch.randn(batch, n, DIM, device=device, dtype=DTYPE)
+    weights = module.weights()
+    fused_ms = time_ms(lambda: compress(x, *weights, HEADS), device)
+
+    sub = baseline_batch(batch, n * DIM * x.element_size())
+    x_sub = x[:sub]
+    ref_ms = time_ms(lambda: compress_ref(x_sub, *weights, HEADS), device) * batch / sub
+    mha_ms = time_ms(lambda: module(x_sub), device) * batch / sub
+    max_diff = (compress(x_sub, *weights, HEADS).float() - compress_ref(x_sub, *weights, HEADS).float()).abs().max()
+
+    nbytes = x.numel() * x.element_size() + batch * grid * grid * DIM * x.element_size()  # read x, write out
+    fused_gbps = nbytes / (fused_ms * 1e-3) / 1e9
+    return {
+        "batch": batch, "grid": grid, "queries": grid * grid, "tokens": n, "dim": DIM, "heads": HEADS,
+        "dtype": str(DTYPE).removeprefix("torch."), "form": choose_form(HEADS, grid * grid, DIM),
+        "fused_ms": fused_ms, "fused_gbps": fused_gbps, "fraction_of_copy_bandwidth": fused_gbps / copy_gbps,
+        "ref_ms": ref_ms, "mha_ms": mha_ms, "baseline_batch": sub,
+        "speedup_vs_ref": ref_ms / fused_ms, "speedup_vs_mha": mha_ms / fused_ms,
+        "max_abs_diff_vs_ref": max_diff.item(),
+    }
+
+
+def run_sweep() -> list[dict]:
+    """Measure every case; print the table; write bench/results/<gpu>/compress.json."""
+    device = torch.device("cuda")
+    copy_gbps = measure_copy_gbps(device)
+    print(f"\ncopy bandwidth: {copy_gbps:.0f} GB/s")
+    header = (f"{'B':>5} {'C':>2} {'N':>5} {'form':>9} {'fused ms':>9} {'GB/s':>7} {'%copy':>6} "
+              f"{'ref ms':>9} {'x ref':>7} {'mha ms':>9} {'x mha':>7} {'max diff':>9}")
+    print(header)
+    records = []
+    with torch.no_grad():
+        for grid, n in itertools.product(GRIDS, TOKENS):
+            module = MultiheadResampler(grid).to(device=device, dtype=DTYPE).eval()
+            for batch in BATCHES:
+                r = bench_case(module, batch, grid, n, copy_gbps)
+                records.append(r)
+                print(f"{batch:>5} {grid:>2} {n:>5} {r['form']:>9} {r['fused_ms']:>9.4f} {r['fused_gbps']:>7.0f} "
+                      f"{100 * r['fraction_of_copy_bandwidth']:>5.1f}% {r['ref_ms']:>9.3f} "
+                      f"{r['speedup_vs_ref']:>6.1f}x {r['mha_ms']:>9.3f} {r['speedup_vs_mha']:>6.1f}x "
+                      f"{r['max_abs_diff_vs_ref']:>9.2e}")
+                torch.cuda.empty_cache()
+    path = write_results("compress", records, device=device, copy_gbps=copy_gbps)
+    print(f"wrote {path}")
+    return records
+
+
+@pytest.mark.gpu
+def test_bench_compress(benchmark):
+    records = benchmark.pedantic(run_sweep, rounds=1, iterations=1)
+    assert len(records) == len(BATCHES) * len(GRIDS) * len(TOKENS)
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/test_bench_compress.py needs a CUDA GPU")
+    run_sweep()
