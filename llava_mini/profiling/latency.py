@@ -1,0 +1,133 @@
+"""Latency: each stage alone, time to first token (prefill) and decode tokens per second.
+
+On CUDA, times come from CUDA events after warm-up; on the CPU from ``time.perf_counter`` and are
+labeled ``cpu``. Every result carries the median and the spread (p10, p90) over its repeats.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from llava_mini.lmm.config import IMAGE_TOKEN_INDEX
+
+
+@dataclass
+class Timing:
+    """Milliseconds over ``repeats`` runs of one thing, measured on ``clock`` ("cuda" or "cpu")."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+    clock: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure(fn: Callable[[], object], device: torch.device | str, warmup: int = 2, repeats: int = 5) -> Timing:
+    """Time ``fn()``: CUDA events on a GPU (synchronised), wall clock on the CPU."""
+    device = torch.device(device)
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup/repeats: expected warmup >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
+    return Timing(statistics.median(times), q[0], q[-1], repeats, device.type)
+
+
+def random_inputs(model, batch: int, prompt_len: int, seed: int = 0):
+    """Ready pixel values [B, ...] and prompts of ``prompt_len`` ids with the image placeholder second."""
+    g = torch.Generator().manual_seed(seed)
+    s, r = model.config.crop_size, model.config.resolution_ratio
+    shape = (batch, 3, s, s) if r == 1 else (batch, r * r + 1, 3, s, s)
+    pixels = torch.randn(shape, generator=g).to(model.device, model.dtype)
+    vocab = model.config.text["vocab_size"]
+    ids = torch.randint(3, vocab, (batch, prompt_len), generator=g)
+    ids[:, 1] = IMAGE_TOKEN_INDEX
+    return pixels, ids.tolist()
+
+
+@torch.no_grad()
+def stage_timings(model, batch: int = 1, prompt_len: int = 43, warmup: int = 2, repeats: int = 5,
+                  backend: str | None = None) -> dict[str, Timing]:
+    """Each stage of a LlavaMini (or LlavaBaseline) prefill alone, on random inputs.
+
+    LlavaMini: vision, compressor, projector, prefusion (prefix + text, with its savings), llm_prefill,
+    and encode (all but the LLM) and prefill (encode + LLM, the time to first token).
+    LlavaBaseline: vision_projector, llm_prefill, encode, prefill.
+    """
+    pixels, ids = random_inputs(model, batch, prompt_len)
+    device = model.device
+    run = lambda fn: measure(fn, device, warmup, repeats)  # noqa: E731
+    out: dict[str, Timing] = {}
+    with model.backend_scope(backend):
+        prompt = model.encode(pixels, ids)
+        llm = model.llm if hasattr(model, "llm") else model.model
+        out["llm_prefill"] = run(lambda: llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+                                             position_ids=prompt.position_ids, logits_to_keep=1))
+        if hasattr(model, "compressor"):
+            r = model.config.resolution_ratio
+            crops = pixels if r == 1 else pixels.flatten(0, 1)
+            feats = model.vision_features(crops)
+            if r > 1:  # the compressor sees the tiled crops
+                g = model.config.grid
+                feats = feats.view(batch, r * r + 1, g * g, -1)[:, :-1].reshape(batch, r, r, g, g, -1) \
+                    .transpose(2, 3).reshape(batch, r * g * r * g, -1)
+            vision, compressed = model.embed_vision(pixels)
+            out["vision"] = run(lambda: model.vision_features(crops))
+            out["compressor"] = run(lambda: model.compressor(feats))
+            out["projector"] = run(lambda: model.mm_projector(feats))
+            if model.savings.prefix_split:
+                out["prefusion"] = run(lambda: model.fuse_text(
+                    model.prefusion.prefix(vision, compressed, model.savings.prune_last_layer), ids))
+            else:
+                out["prefusion"] = run(lambda: model.fuse_reference(vision, compressed, ids))
+        else:
+            out["vision_projector"] = run(lambda: model.image_features(pixels))
+        out["encode"] = run(lambda: model.encode(pixels, ids))
+        out["prefill"] = run(lambda: llm(**_prefill_kwargs(model.encode(pixels, ids))))
+    return out
+
+
+def _prefill_kwargs(prompt) -> dict:
+    return dict(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+                position_ids=prompt.position_ids, logits_to_keep=1)
+
+
+@torch.no_grad()
+def decode_rate(model, batch: int = 1, prompt_len: int = 43, new_tokens: int = 32, warmup: int = 1,
+                repeats: int = 3, backend: str | None = None) -> dict:
+    """Decode throughput with the KV cache: tokens per second per sequence and for the batch.
+
+    The time of a ``new_tokens`` generation minus the time of a 1-token one (the prefill), so the
+    figure is the decode steps alone.
+    """
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens: expected >= 2, got {new_tokens}")
+    pixels, ids = random_inputs(model, batch, prompt_len)
+    gen = lambda n: model.generate(pixels, ids, max_new_tokens=n, stop_token_ids=[], backend=backend)  # noqa: E731
+    full = measure(lambda: gen(new_tokens), model.device, warmup, repeats)
+    first = measure(lambda: gen(1), model.device, warmup, repeats)
+    step_ms = max(full.median_ms - first.median_ms, 1e-9) / (new_tokens - 1)
+    return {"ttft_ms": first.median_ms, "ms_per_token": step_ms, "tokens_per_s": 1e3 / step_ms,
+            "batch_tokens_per_s": batch * 1e3 / step_ms, "clock": full.clock}
