@@ -184,21 +184,30 @@ def test_cache_not_fooled_by_a_reused_address(device):
         del weights
 
 
-def test_resampler_triton_backend_equals_torch(device):
+def test_resampler_triton_backend_equals_torch(device, monkeypatch):
+    calls = count_derivations(monkeypatch)
     model = Resampler(2, 72, 4).to(device).eval()
     x = make_x(3, 49, 72, torch.float32, "sliced").to(device)
     with torch.no_grad():
         expected = model(x)
+        assert not calls  # the torch backend never touches the fused path
         with backend.use_backend("triton"):
             out = model(x)
+        assert calls  # ... and the triton backend does
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
 class PlainResampler(nn.Module):
-    """A Qwen-VL style resampler built on nn.MultiheadAttention (sequence-first), the released semantics."""
+    """A resampler built on nn.MultiheadAttention (sequence-first), the released semantics; with
+    ``kv_dim`` a Qwen-VL style ``kv_proj``, with ``out_dim`` MiniCPM-V style ``ln_post`` and ``proj``."""
 
-    def __init__(self, grid, dim, heads):
+    def __init__(self, grid, dim, heads, kv_dim=None, out_dim=None):
         super().__init__()
+        if kv_dim is not None:
+            self.kv_proj = nn.Linear(kv_dim, dim, bias=False)
+        if out_dim is not None:
+            self.ln_post = nn.LayerNorm(dim, eps=1e-6)
+            self.proj = nn.Parameter(torch.randn(dim, out_dim) * dim ** -0.5)
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, grid), requires_grad=False)
         self.query = nn.Parameter(torch.randn(grid * grid, dim) * 0.5)
         self.attn = nn.MultiheadAttention(dim, heads)
@@ -210,23 +219,28 @@ class PlainResampler(nn.Module):
             nn.init.normal_(p, mean=1.0, std=0.1)
 
     def forward(self, x):
+        if hasattr(self, "kv_proj"):
+            x = self.kv_proj(x)
         x = self.ln_kv(x).permute(1, 0, 2)  # [N, B, D]
         q = (self.ln_q(self.query) + self.pos_embed).unsqueeze(1).expand(-1, x.shape[1], -1)
         k = x + key_pos_embed(self.pos_embed, x.shape[0]).unsqueeze(1)
-        return self.attn(q, k, x, need_weights=False)[0].permute(1, 0, 2)
+        out = self.attn(q, k, x, need_weights=False)[0].permute(1, 0, 2)
+        return self.ln_post(out) @ self.proj if hasattr(self, "proj") else out
 
 
-@pytest.mark.parametrize("grid", [1, 2])
-def test_from_module_matches_multihead_attention(grid, device):
-    plain = PlainResampler(grid, 72, 4).to(device).eval()
+@pytest.mark.parametrize("grid,kv_dim,out_dim", [(1, None, None), (2, None, None), (2, 48, 56)])
+def test_from_module_matches_multihead_attention(grid, kv_dim, out_dim, device, monkeypatch):
+    calls = count_derivations(monkeypatch)
+    plain = PlainResampler(grid, 72, 4, kv_dim, out_dim).to(device).eval()
     fused_module = FusedResampler.from_module(plain)
     assert fused_module.query is plain.query and fused_module.attn is plain.attn  # shared, not copied
     assert set(fused_module.state_dict()) == set(plain.state_dict())
-    x = make_x(3, 25, 72, torch.float32, "transposed").to(device)
+    x = make_x(3, 25, kv_dim or 72, torch.float32, "transposed").to(device)
     with torch.no_grad():
         expected = plain(x)
         out = fused_module(x)
-    assert out.shape == (3, grid * grid, 72)
+    assert calls  # the fused path ran
+    assert out.shape == (3, grid * grid, out_dim or 72)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
