@@ -170,7 +170,7 @@ def test_bad_masks_and_cu_seqlens_raise(device):
     qp, kp, vp = q.reshape(10, 4, 16), k.reshape(18, 2, 16), v.reshape(18, 2, 16)
     good = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)
     good_k = torch.tensor([0, 9, 18], dtype=torch.int32, device=device)
-    with pytest.raises(ValueError, match="cu_seqlens_q: expected non-decreasing offsets from 0 to the packed length 10"):
+    with pytest.raises(ValueError, match="cu_seqlens_q: expected non-decreasing offsets .* packed length 10,"):
         prefusion_attention(qp, kp, vp, cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32, device=device),
                             cu_seqlens_k=good_k)
     with pytest.raises(ValueError, match="cu_seqlens_k: expected int32"):

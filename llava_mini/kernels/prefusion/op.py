@@ -125,7 +125,8 @@ def _flash_attn(q, k, v, causal, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError as err:
-        raise ValueError("backend: 'flash_attn' needs the flash-attn package (pip install 'llava-mini[flash]')") from err
+        raise ValueError("backend: 'flash_attn' needs the flash-attn package "
+                         "(pip install 'llava-mini[flash]')") from err
     if cu_seqlens_q is None:
         return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
     max_seqlen_k = int(torch.diff(cu_seqlens_k).max())
