@@ -212,3 +212,17 @@ def test_unknown_backend_is_a_clear_error():
         model_of().set_backend("cuda")
     with pytest.raises(ValueError, match="backend"):
         model_of().encode(images(1), [PROMPTS[0]], backend="nope")
+
+
+@pytest.mark.parametrize("savings", [dict(), reference_savings()])
+def test_triton_backend_equals_the_reference_path(savings):
+    """Fused compressor + the Triton attention in pre-fusion and the LLM (interpreter on the CPU)."""
+    model = model_of(**savings)
+    imgs = images(2)
+    ref = model.encode(imgs, PROMPTS, backend="torch").inputs_embeds
+    torch.testing.assert_close(model.encode(imgs, PROMPTS, backend="triton").inputs_embeds, ref, atol=ATOL, rtol=0)
+    assert torch.equal(model.generate(imgs, PROMPTS, max_new_tokens=4, stop_token_ids=[], backend="triton"),
+                       model.generate(imgs, PROMPTS, max_new_tokens=4, stop_token_ids=[], backend="torch"))
+    video = model.encode(videos=[imgs], input_ids=[PROMPTS[0]], backend="triton").inputs_embeds
+    torch.testing.assert_close(video, model.encode(videos=[imgs], input_ids=[PROMPTS[0]]).inputs_embeds,
+                               atol=ATOL, rtol=0)
