@@ -198,3 +198,15 @@ def test_repeated_calls_are_bitwise_identical(device):
     first = prefusion_attention(q, k, v)
     for _ in range(5):
         assert torch.equal(prefusion_attention(q, k, v), first)
+
+
+@pytest.mark.gpu
+def test_varlen_prefusion_shapes_bf16(device):
+    lengths = [577 + 32, 577 + 128, 577 + 5]  # ragged prompts packed without padding
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(sum(lengths), 32, 128, generator=gen).to(device, torch.bfloat16)
+    k = torch.randn(sum(lengths), 8, 128, generator=gen).to(device, torch.bfloat16)
+    v = torch.randn(sum(lengths), 8, 128, generator=gen).to(device, torch.bfloat16)
+    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+    out = prefusion_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    _assert_within_twice_torch_error(out, q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
