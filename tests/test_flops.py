@@ -117,15 +117,20 @@ def test_pruned_last_layer_saves_the_vision_rows():
 
 
 def test_compressor_forms_and_auto_dispatch():
+    from llava_mini.kernels.compress.op import compress_flops
+
     cfg = LlavaMiniConfig.from_preset(VICUNA)
     proj = F.count_flops(cfg, convention="full", compressor_form="projected").flops["compressor"]
     absd = F.count_flops(cfg, convention="full", compressor_form="absorbed").flops["compressor"]
-    auto = F.count_flops(cfg, convention="full").flops["compressor"]
+    auto = F.count_flops(cfg, convention="full", batch=3).flops["compressor"]
     assert absd * 50 < proj  # C=1: ~100x fewer FLOPs absorbed
-    assert auto == absd  # H * C^2 = 8 < 1024
-    wide = LlavaMiniConfig.from_preset(VICUNA, compressor_size=16)  # H * C^2 = 2048 >= 1024
-    assert (F.count_flops(wide, convention="full").flops["compressor"]
-            == F.count_flops(wide, convention="full", compressor_form="projected").flops["compressor"])
+    per_call = 4 * 1 * 1024 * 1024  # query projection and W_k^T q: weight-only, outside the kernel's formula
+    assert auto == compress_flops(3, 576, 1024, 1, 8) + per_call
+    assert F.compressor_auto_form(8, 1, 1024) == "absorbed"
+    # HD, C=8: H*C^2 = 512 > 32: the kernel runs the projected form over the 2304 tiled tokens
+    hd = F.count_flops("llava-mini-hd-vicuna-7b", convention="full", batch=2)
+    assert F.compressor_auto_form(8, 64, 1024) == "projected"
+    assert hd.flops["compressor"] == compress_flops(2, 2304, 1024, 64, 8) + 2 * 64 * 1024 * 1024
 
 
 def test_hd_video_and_batch_token_bookkeeping():

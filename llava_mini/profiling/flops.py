@@ -228,6 +228,17 @@ def _compressor_flops(s: _Shapes, config: LlavaMiniConfig, images: int, n: int, 
     return calls * per_call + images * per_image
 
 
+def compressor_auto_form(heads: int, queries: int, dim: int) -> str:
+    """The form the fused compressor kernel picks for this shape (its ``choose_form``): absorbed while
+    its [H*C^2, D] accumulator fits the register budget (D = 1024: H*C^2 <= 32), projected otherwise.
+    Falls back to the design rule H*C^2 < D when the kernel module cannot be imported."""
+    try:
+        from llava_mini.kernels.compress.triton import choose_form
+    except Exception:  # no triton: the design rule
+        return "absorbed" if heads * queries < dim else "projected"
+    return choose_form(heads, queries, dim)
+
+
 def _prefusion_flops(s: _Shapes, layers: int, n_vis: int, q: int, text: int, attn: bool, mask_aware: bool,
                      prefix_split: bool, prune_last_layer: bool, prefix_cached: bool) -> int:
     """Pre-fusion FLOPs for one image/frame, as the model schedules it.
@@ -331,9 +342,11 @@ def count_flops(
         prompt_len: L, prompt tokens including the one ``<image>`` placeholder (>= 1).
         new_tokens: tokens generated: the first from the prefill logits, then ``new_tokens - 1``
             decode forwards.
-        compressor_form: ``"projected"``, ``"absorbed"`` or ``"auto"`` (absorbed while
-            heads * C^2 < vision width, as the fused kernel dispatches). Default: projected for
-            ``paper`` and ``counted``, auto for ``full``.
+        compressor_form: ``"projected"``, ``"absorbed"`` or ``"auto"`` (the fused kernel's own
+            shape dispatch, :func:`compressor_auto_form`). Default: projected for ``paper`` and
+            ``counted`` (the reference path), auto for ``full``. In ``full`` the per-call work on the
+            weights alone (query projection, W_k^T q) is included; the kernel's registered FLOP
+            formula leaves it out (4 C^2 D^2, 4 MFLOP at C=1).
         prune_last_layer: the last pre-fusion layer computes only the C^2 + text rows.
         prefix_cached: the vision and compressed rows' pre-fusion states are cached from an earlier
             question on the same image: only the text rows are computed (``full``), and the vision
@@ -413,7 +426,7 @@ def count_flops(
         if run_vision:
             form = compressor_form
             if form == "auto":
-                form = "absorbed" if config.compressor_heads * q < s.dv else "projected"
+                form = compressor_auto_form(config.compressor_heads, q, s.dv)
             tokens["compressor_absorbed"] = int(form == "absorbed")
             flops["compressor"] = _compressor_flops(s, config, images, n_comp_in, form, convention, encode_calls)
             byts["compressor"] = nbytes * (params["compressor"] + images * (n_comp_in + q) * s.dv)
