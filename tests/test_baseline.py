@@ -43,9 +43,11 @@ def test_generate_with_and_without_cache(baseline):
     assert a.shape == (2, 5) and torch.equal(a, b)
 
 
-def test_backend_switch_leaves_the_vision_tower_alone(baseline):
+def test_backend_switch_reaches_both_towers_and_is_restored(baseline):
     seen = []
     vision_impl = baseline.model.model.vision_tower.config._attn_implementation
+    baseline.model.model.vision_tower.register_forward_pre_hook(
+        lambda m, a: seen.append(("vision", m.config._attn_implementation)))
     hook = baseline.model.model.language_model.layers[0].self_attn.register_forward_pre_hook(
         lambda m, a: seen.append(m.config._attn_implementation))
     try:
@@ -53,6 +55,6 @@ def test_backend_switch_leaves_the_vision_tower_alone(baseline):
         baseline.generate([torch.rand(3, 28, 28)], [[1, IMG]], max_new_tokens=1, backend="sdpa")
     finally:
         hook.remove()
-    assert seen == ["sdpa"]
+    assert seen == [("vision", "sdpa"), ("vision", "sdpa"), "sdpa"]  # encode, then generate (encode + prefill)
     assert baseline.model.model.vision_tower.config._attn_implementation == vision_impl
     assert baseline.model.config.text_config._attn_implementation == "eager"

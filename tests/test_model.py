@@ -123,8 +123,9 @@ def test_padding_is_ignored_and_positions_follow_valid_tokens():
 
 def test_llm_input_places_vision_tokens_at_the_image_placeholder():
     model = model_of(**reference_savings())
-    vision, compressed = model.embed_vision(model.prepare_images(images(1)))
-    fused_vis, fused_text = model.fuse_reference(vision, compressed, [PROMPTS[0]])
+    with model.backend_scope():
+        vision, compressed = model.embed_vision(model.prepare_images(images(1)))
+        fused_vis, fused_text = model.fuse_reference(vision, compressed, [PROMPTS[0]])
     out = model.encode(images(1), [PROMPTS[0]]).inputs_embeds[0]
     torch.testing.assert_close(out, torch.cat([fused_text[0, :2], fused_vis[0], fused_text[0, 3:]]), atol=0, rtol=0)
 

@@ -94,6 +94,15 @@ def use_backend(name: str | None):
         _override.reset(token)
 
 
+def vision_attn_implementation(name: str | None = None) -> str:
+    """The attention implementation of a (bidirectional) vision tower under backend ``name``.
+
+    The project's kernels are causal, so vision towers run eager on "torch" and SDPA otherwise.
+    """
+    name = get_backend() if name is None else validate(name)
+    return "eager" if name == "torch" else "sdpa"
+
+
 def attn_implementation(name: str | None = None) -> str:
     """The transformers ``attn_implementation`` string for backend ``name`` (default: current)."""
     name = get_backend() if name is None else validate(name)

@@ -116,13 +116,15 @@ class LlavaMini(nn.Module):
     def backend_scope(self, backend: str | None = None):
         """Run a block on ``backend`` (else this model's, else the process default/environment)."""
         name = backends.validate(backend) if backend is not None else (self._backend or backends.get_backend())
-        previous = self.llm.config._attn_implementation
-        self.llm.config._attn_implementation = backends.attn_implementation(name)
+        text, vision = self.llm.config, self.vision_tower.config
+        previous = text._attn_implementation, vision._attn_implementation
+        text._attn_implementation = backends.attn_implementation(name)
+        vision._attn_implementation = backends.vision_attn_implementation(name)
         try:
             with backends.use_backend(name):
                 yield name
         finally:
-            self.llm.config._attn_implementation = previous
+            text._attn_implementation, vision._attn_implementation = previous
 
     # --- stages ------------------------------------------------------------------------------------
     def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -155,9 +157,11 @@ class LlavaMini(nn.Module):
             raise ValueError(f"images: expected pixel values [B, {', '.join(map(str, want))}], got {got}")
 
     def prepare_images(self, images) -> torch.Tensor:
-        """Images (PIL, numpy, tensors [3, H, W], paths) or ready pixel values -> pixel values on device."""
-        if isinstance(images, torch.Tensor) and images.dim() in (4, 5) and images.shape[-1] == self.config.crop_size \
-                and images.shape[-2] == self.config.crop_size and images.dim() == (4 if self.config.resolution_ratio == 1 else 5):
+        """A list of images (PIL, numpy, tensors [3, H, W], paths) -> pixel values on device.
+
+        A batched tensor ([B, 3, S, S], HD [B, r*r+1, 3, S, S]) is taken as ready pixel values.
+        """
+        if isinstance(images, torch.Tensor) and images.dim() >= 4:
             pixels = images
         else:
             pixels = processing.preprocess_images(images, self.config.crop_size, self.config.resolution_ratio)
@@ -165,10 +169,27 @@ class LlavaMini(nn.Module):
         return pixels.to(self.device, self.dtype)
 
     def prepare_video(self, video, fps: float = 1.0, max_frames: int | None = 1000) -> torch.Tensor:
-        """A video file or a list of frames -> frame pixel values [T, 3, S, S] on device."""
+        """A video file or a list of frames -> frame pixel values [T, 3, S, S] (kept where they are).
+
+        A 4-D tensor is taken as ready (preprocessed) pixel values. Frames move to the device one
+        chunk at a time, so a long video never sits there whole.
+        """
         if self.config.resolution_ratio != 1:
             raise ValueError("video: the HD model (resolution_ratio > 1) takes images, not videos")
-        return processing.preprocess_video(video, self.config.crop_size, fps, max_frames).to(self.device, self.dtype)
+        if isinstance(video, torch.Tensor):
+            s = self.config.crop_size
+            if video.dim() != 4 or list(video.shape[1:]) != [3, s, s] or video.shape[0] == 0:
+                raise ValueError(f"video: a tensor must hold ready pixel values [T > 0, 3, {s}, {s}], "
+                                 f"got {list(video.shape)}; pass raw frames as a list")
+            return video
+        return processing.preprocess_video(video, self.config.crop_size, fps, max_frames)
+
+    def frame_chunks(self, frames: torch.Tensor):
+        """Consecutive chunks of frames on the device: ``frame_chunk()`` at a time, or one by one
+        (the released per-frame loop) when ``savings.batch_frames`` is off."""
+        chunk = self.frame_chunk() if self.savings.batch_frames else 1
+        for i in range(0, frames.shape[0], chunk):
+            yield frames[i:i + chunk].to(self.device, self.dtype, non_blocking=True)
 
     @torch.no_grad()
     def prefix(self, images=None, video=None, fps: float = 1.0, max_frames: int | None = 1000,
@@ -187,10 +208,9 @@ class LlavaMini(nn.Module):
                                          prune_last_layer=self.savings.prune_last_layer)
 
     def prefix_frames(self, frames: torch.Tensor) -> Prefix:
-        chunk = self.frame_chunk() if self.savings.batch_frames else 1
-        return Prefix.cat([self.prefusion.prefix(*self.embed_vision(frames[i:i + chunk]),
-                                                 prune_last_layer=self.savings.prune_last_layer)
-                           for i in range(0, frames.shape[0], chunk)])
+        """Every frame's prefix, kept (its keys/values cost memory per frame: for caching only)."""
+        return Prefix.cat([self.prefusion.prefix(*self.embed_vision(chunk), self.savings.prune_last_layer)
+                           for chunk in self.frame_chunks(frames)])
 
     def frame_chunk(self) -> int:
         """Frames per batched launch: the activation budget over a per-frame estimate."""
@@ -295,27 +315,22 @@ class LlavaMini(nn.Module):
         return prefix.compressed, self.prefusion.text(prefix, text, valid)
 
     def fuse_video(self, frames: torch.Tensor, ids: list[int]):
-        """One prompt over T frames: (all frames' tokens [T*C^2, d], fused text averaged over frames in fp32)."""
-        if self.savings.batch_frames:
-            prefix = self.prefix_frames(frames)
-            chunk = self.frame_chunk()
-            total = 0
-            for i in range(0, frames.shape[0], chunk):
-                part = prefix.index(slice(i, i + chunk))
-                total = total + self.fuse_text(part, [ids] * part.compressed.shape[0])[1].float().sum(0)
-            compressed = prefix.compressed
-        else:  # the released per-frame loop
-            per_frame = [self.fuse_one_frame(frames[i:i + 1], ids) for i in range(frames.shape[0])]
-            compressed = torch.cat([v for v, _ in per_frame])
-            total = sum(t[0].float() for _, t in per_frame)
-        return compressed.flatten(0, 1), (total / frames.shape[0]).to(self.dtype)
+        """One prompt over T frames: (all frames' tokens [T*C^2, d], fused text averaged over frames in fp32).
 
-    def fuse_one_frame(self, frame, ids):
-        vision, compressed = self.embed_vision(frame)
-        if self.savings.prefix_split:
-            prefix = self.prefusion.prefix(vision, compressed, prune_last_layer=self.savings.prune_last_layer)
-            return self.fuse_text(prefix, [ids])
-        return self.fuse_reference(vision, compressed, [ids])
+        Chunk by chunk: each chunk's pre-fusion keys/values are dropped once its text is fused, so
+        memory holds only the C^2 tokens per frame.
+        """
+        compressed, total = [], 0
+        for chunk in self.frame_chunks(frames):
+            vision, comp = self.embed_vision(chunk)
+            rows = [ids] * chunk.shape[0]
+            if self.savings.prefix_split:
+                comp, text = self.fuse_text(self.prefusion.prefix(vision, comp, self.savings.prune_last_layer), rows)
+            else:
+                comp, text = self.fuse_reference(vision, comp, rows)
+            compressed.append(comp)
+            total = total + text.float().sum(0)
+        return torch.cat(compressed).flatten(0, 1), (total / frames.shape[0]).to(self.dtype)
 
     # --- generate ------------------------------------------------------------------------------------
     @torch.no_grad()

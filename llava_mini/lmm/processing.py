@@ -133,8 +133,6 @@ def preprocess_video(video, crop_size: int, fps: float = 1.0, max_frames: int | 
     """A video file path or a list of frames -> pixel values [T, 3, S, S]."""
     if isinstance(video, (str, os.PathLike)):
         video = decode_video(video, fps, max_frames)
-    if isinstance(video, torch.Tensor) and video.dim() == 4:
-        video = list(video)
     if not isinstance(video, (list, tuple)):
         raise TypeError(f"video: expected a file path or a list of frames, got {type(video).__name__}")
     if len(video) == 0:
