@@ -19,7 +19,7 @@ def test_measure_reports_median_and_spread():
 def test_stage_timings_cover_every_mini_stage(preset):
     torch.manual_seed(0)
     timings = stage_timings(LlavaMini.from_preset(preset), batch=2, prompt_len=6, warmup=0, repeats=1)
-    assert set(timings) == {"vision", "compressor", "projector", "prefusion", "llm_prefill", "encode", "prefill"}
+    assert set(timings) == {"vision_encoder", "compressor", "projector", "prefusion", "llm_prefill", "encode", "prefill"}
     print({k: round(v.median_ms, 3) for k, v in timings.items()})
 
 
@@ -27,7 +27,7 @@ def test_stage_timings_and_decode_for_the_baseline():
     torch.manual_seed(0)
     model = LlavaBaseline.from_preset("tiny")
     timings = stage_timings(model, batch=1, prompt_len=6, warmup=0, repeats=1)
-    assert set(timings) == {"vision_projector", "llm_prefill", "encode", "prefill"}
+    assert set(timings) == {"vision_encoder", "projector", "llm_prefill", "encode", "prefill"}
     rate = decode_rate(model, batch=2, prompt_len=6, new_tokens=3, warmup=0, repeats=1)
     assert rate["clock"] == "cpu" and rate["tokens_per_s"] > 0
     print(rate)

@@ -31,6 +31,17 @@ LLAMA_31_8B = dict(
     rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=8192),
 )
+# Scaled down for CPU benchmarks: the real token counts (576 per image), narrow layers.
+SMALL_VISION = dict(
+    hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+    image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=128,
+)
+SMALL_TEXT = dict(
+    hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+    num_key_value_heads=8, vocab_size=32000, rms_norm_eps=1e-5, max_position_embeddings=4096,
+    rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_act="silu",
+    tie_word_embeddings=False,
+)
 TINY_VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
     image_size=28, patch_size=4, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=16,
@@ -46,6 +57,10 @@ TINY_TEXT = dict(
 @dataclasses.dataclass
 class LlavaMiniConfig:
     """Everything that shapes a LLaVA-Mini model.
+
+    Presets: ``tiny`` and ``tiny-hd`` (tests), ``small`` (CPU benchmarks: 576 tokens per image,
+    narrow layers), and the released shapes ``llava-mini-vicuna-7b``, ``llava-mini-llama-3.1-8b``,
+    ``llava-mini-hd-vicuna-7b``.
 
     Args:
         vision: keyword arguments of the CLIP ``CLIPVisionConfig`` (the vision tower).
@@ -151,6 +166,7 @@ PRESETS: dict[str, dict] = {
                  prefusion_layers=2),
     "tiny-hd": dict(vision=TINY_VISION, text=TINY_TEXT, compressor_size=2, compressor_heads=4,
                     prefusion_layers=2, resolution_ratio=2),
+    "small": dict(vision=SMALL_VISION, text=SMALL_TEXT, compressor_size=1, prefusion_layers=2),
     "llava-mini-vicuna-7b": dict(vision=CLIP_VIT_L_336, text=VICUNA_7B, compressor_size=1),
     "llava-mini-llama-3.1-8b": dict(vision=CLIP_VIT_L_336, text=LLAMA_31_8B, compressor_size=1,
                                     template="llama_3_1"),

@@ -72,38 +72,41 @@ def stage_timings(model, batch: int = 1, prompt_len: int = 43, warmup: int = 2, 
                   backend: str | None = None) -> dict[str, Timing]:
     """Each stage of a LlavaMini (or LlavaBaseline) prefill alone, on random inputs.
 
-    LlavaMini: vision, compressor, projector, prefusion (prefix + text, with its savings), llm_prefill,
-    and encode (all but the LLM) and prefill (encode + LLM, the time to first token).
-    LlavaBaseline: vision_projector, llm_prefill, encode, prefill.
+    Stage names follow ``profiling.flops.STAGES``: LlavaMini: vision_encoder, compressor, projector,
+    prefusion (with the model's savings), llm_prefill; LlavaBaseline: vision_encoder, projector,
+    llm_prefill. Both add encode (all but the LLM) and prefill (encode + LLM: time to first token).
     """
     pixels, ids = random_inputs(model, batch, prompt_len)
-    device = model.device
-    run = lambda fn: measure(fn, device, warmup, repeats)  # noqa: E731
+    run = lambda fn: measure(fn, model.device, warmup, repeats)  # noqa: E731
     out: dict[str, Timing] = {}
+    is_mini = hasattr(model, "compressor")
+    llm = model.llm if is_mini else model.model
     with model.backend_scope(backend):
-        prompt = model.encode(pixels, ids)
-        llm = model.llm if hasattr(model, "llm") else model.model
-        out["llm_prefill"] = run(lambda: llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                                             position_ids=prompt.position_ids, logits_to_keep=1))
-        if hasattr(model, "compressor"):
-            r = model.config.resolution_ratio
+        if is_mini:
+            r, g = model.config.resolution_ratio, model.config.grid
             crops = pixels if r == 1 else pixels.flatten(0, 1)
             feats = model.vision_features(crops)
             if r > 1:  # the compressor sees the tiled crops
-                g = model.config.grid
                 feats = feats.view(batch, r * r + 1, g * g, -1)[:, :-1].reshape(batch, r, r, g, g, -1) \
                     .transpose(2, 3).reshape(batch, r * g * r * g, -1)
-            vision, compressed = model.embed_vision(pixels)
-            out["vision"] = run(lambda: model.vision_features(crops))
+            compressed = model.compressor(feats)
+            vision, compressed_embeds = model.embed_vision(pixels)
+            out["vision_encoder"] = run(lambda: model.vision_features(crops))
             out["compressor"] = run(lambda: model.compressor(feats))
-            out["projector"] = run(lambda: model.mm_projector(feats))
+            out["projector"] = run(lambda: (model.mm_projector(feats), model.mm_projector(compressed)))
             if model.savings.prefix_split:
                 out["prefusion"] = run(lambda: model.fuse_text(
-                    model.prefusion.prefix(vision, compressed, model.savings.prune_last_layer), ids))
+                    model.prefusion.prefix(vision, compressed_embeds, model.savings.prune_last_layer), ids))
             else:
-                out["prefusion"] = run(lambda: model.fuse_reference(vision, compressed, ids))
+                out["prefusion"] = run(lambda: model.fuse_reference(vision, compressed_embeds, ids))
         else:
-            out["vision_projector"] = run(lambda: model.image_features(pixels))
+            towers = model.model.model
+            feats = towers.vision_tower(pixels, output_hidden_states=True).hidden_states[
+                model.config.vision_feature_layer][:, 1:]
+            out["vision_encoder"] = run(lambda: towers.vision_tower(pixels, output_hidden_states=True))
+            out["projector"] = run(lambda: towers.multi_modal_projector(feats))
+        prompt = model.encode(pixels, ids)
+        out["llm_prefill"] = run(lambda: llm(**_prefill_kwargs(prompt)))
         out["encode"] = run(lambda: model.encode(pixels, ids))
         out["prefill"] = run(lambda: llm(**_prefill_kwargs(model.encode(pixels, ids))))
     return out
