@@ -79,7 +79,7 @@ def bench_case(module: MultiheadResampler, batch: int, grid: int, n: int, copy_g
     fused_gbps = nbytes / (fused_ms * 1e-3) / 1e9
     return {
         "batch": batch, "grid": grid, "queries": grid * grid, "tokens": n, "dim": DIM, "heads": HEADS,
-        "dtype": str(DTYPE).removeprefix("torch."), "form": choose_form(HEADS, grid * grid, DIM),
+        "dtype": str(DTYPE).removeprefix("torch."), "form": choose_form(HEADS, grid * grid, DIM, DTYPE, device),
         "fused_ms": fused_ms, "fused_gbps": fused_gbps, "fraction_of_copy_bandwidth": fused_gbps / copy_gbps,
         "ref_ms": ref_ms, "mha_ms": mha_ms, "baseline_batch": sub,
         "speedup_vs_ref": ref_ms / fused_ms, "speedup_vs_mha": mha_ms / fused_ms,

@@ -114,6 +114,17 @@ def test_dispatch_rule():
     assert choose_form(16, 1, 4096) == "projected"
 
 
+@pytest.mark.parametrize("shared_memory,bf16_c2,fp32_d1024,bf16_d1152", [(101376, "projected", "projected", "projected"),
+                                                                          (232448, "absorbed", "absorbed", "absorbed")])
+def test_dispatch_rule_fits_shared_memory(shared_memory, bf16_c2, fp32_d1024, bf16_d1152, monkeypatch):
+    # An RTX 4090 (99 KB per program) and an H100 (227 KB): bf16 C=1 at D=1024 fits both.
+    monkeypatch.setattr(fused, "max_shared_memory", lambda device: shared_memory)
+    assert choose_form(8, 1, 1024, torch.bfloat16, "cuda") == "absorbed"
+    assert choose_form(8, 4, 1024, torch.bfloat16, "cuda") == bf16_c2
+    assert choose_form(8, 1, 1024, torch.float32, "cuda") == fp32_d1024
+    assert choose_form(8, 1, 1152, torch.bfloat16, "cuda") == bf16_d1152
+
+
 def test_split_rule():
     assert fused.choose_splits(4096, 576, 264) == 1
     assert fused.choose_splits(1, 576, 264) == 18  # capped at 32 rows per split

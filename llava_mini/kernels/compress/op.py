@@ -40,8 +40,8 @@ def _compress_fake(x, query, *args):
     return x.new_empty((x.shape[0], query.shape[0], x.shape[2]))
 
 
-def compress_flops(batch: int, n: int, dim: int, num_queries: int, num_heads: int) -> int:
-    """FLOPs (2 per multiply-add) of what the fused op runs per call, weight-only work excluded.
+def compress_flops(batch: int, n: int, dim: int, num_queries: int, num_heads: int, form: str) -> int:
+    """FLOPs (2 per multiply-add) of what the fused op runs in ``form``, weight-only work excluded.
 
     Absorbed form: scores and weighted sum (2 x 2*B*N*D*H*Q), the per-head value projection
     (2*B*H*Q*D*hd) and out_proj (2*B*Q*D*D).
@@ -49,17 +49,18 @@ def compress_flops(batch: int, n: int, dim: int, num_queries: int, num_heads: in
     """
     head_dim = dim // num_heads
     out_proj = 2 * batch * num_queries * dim * dim
-    if choose_form(num_heads, num_queries, dim) == "absorbed":
+    if form == "absorbed":
         hq = num_heads * num_queries
         return 4 * batch * n * dim * hq + 2 * batch * hq * dim * head_dim + out_proj
     return 4 * batch * n * dim * dim + 4 * batch * num_heads * num_queries * n * head_dim + out_proj
 
 
-@register_flop_formula(torch.ops.llava_mini.compress)
-def _compress_flop_formula(x_shape, query_shape, *weight_shapes_and_scalars, out_shape=None, **kwargs) -> int:
-    num_heads = weight_shapes_and_scalars[-2]  # (..., num_heads, eps)
-    batch, n, dim = x_shape
-    return compress_flops(batch, n, dim, query_shape[0], num_heads)
+@register_flop_formula(torch.ops.llava_mini.compress, get_raw=True)
+def _compress_flop_formula(x, query, *weights_and_scalars, out_val=None, **kwargs) -> int:
+    num_heads = weights_and_scalars[-2]  # (..., num_heads, eps)
+    batch, n, dim = x.shape
+    form = choose_form(num_heads, query.shape[0], dim, x.dtype, x.device)
+    return compress_flops(batch, n, dim, query.shape[0], num_heads, form)
 
 
 def compress(

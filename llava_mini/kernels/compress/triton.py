@@ -47,11 +47,31 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def choose_form(num_heads: int, num_queries: int, dim: int) -> str:
-    """``"absorbed"`` while the per-program accumulator [pad(H*C^2), pad(D)] fits the register
-    budget (D=1024: H*C^2 <= 32, i.e. C=1 or 2 at 8 heads), ``"projected"`` otherwise."""
+def max_shared_memory(device: torch.device) -> int | None:
+    """Shared memory one program may use on ``device``; None (no limit) off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def choose_form(num_heads: int, num_queries: int, dim: int, dtype: torch.dtype = torch.bfloat16,
+                device: torch.device | str = "cpu") -> str:
+    """``"absorbed"`` or ``"projected"`` for these shapes on ``device``.
+
+    Absorbed while (1) the per-program fp32 accumulator [pad(H*C^2), pad(D)] fits the register
+    budget (D=1024: H*C^2 <= 32, i.e. C=1 or 2 at 8 heads) and (2) the smallest kernel config's
+    shared memory, the two dot operands [16 + pad(H*C^2), pad(D)] in x's dtype plus a 4 KB margin
+    (compiled sizes are 1-2 KB over the operands), fits the device: bf16 at D=1024 needs 68 KB for
+    C=1 (every GPU since sm_80) and 100 KB for C=2 (A100/H100 class; projected on 99 KB GPUs).
+    """
     rows = max(16, triton.next_power_of_2(num_heads * num_queries))
-    return "absorbed" if rows * triton.next_power_of_2(dim) <= ABSORBED_MAX_ACCUMULATOR else "projected"
+    padded_dim = triton.next_power_of_2(dim)
+    if rows * padded_dim > ABSORBED_MAX_ACCUMULATOR:
+        return "projected"
+    limit = max_shared_memory(torch.device(device))
+    shared = (16 + rows) * padded_dim * torch.empty((), dtype=dtype).element_size() + 4096
+    return "absorbed" if limit is None or shared <= limit else "projected"
 
 
 def choose_splits(batch: int, n: int, target_programs: int) -> int:
@@ -180,9 +200,11 @@ def _derive_weights(form, dtype, n, query, pos_embed, in_proj_weight, in_proj_bi
 def _configs():
     if interpreting():
         return [triton.Config({"BLOCK_N": 16}, num_warps=4)]
-    # x tile and accumulator both hold [*, D] fp32 rows: more warps spread them over more registers.
+    # The x tile and the accumulator both hold [*, D] fp32 rows: 8-16 warps spread them over enough
+    # registers (4 warps spill heavily at D=1024). One stage keeps fp32 inputs within A100's shared
+    # memory; configs that do not fit a device fail to compile there and the autotuner skips them.
     return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-            for block_n in (16, 32) for warps in (4, 8, 16) for stages in (2, 3)]
+            for block_n in (16, 32) for warps in (8, 16) for stages in (1, 2)]
 
 
 @triton.autotune(configs=_configs(), key=["rows_per_split", "BLOCK_D", "BLOCK_HQ"])
@@ -312,7 +334,7 @@ def compress_triton(x, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_
     batch, n, dim = x.shape
     num_queries = query.shape[0]
     if form is None:
-        form = choose_form(num_heads, num_queries, dim)
+        form = choose_form(num_heads, num_queries, dim, x.dtype, x.device)
     if form not in ("absorbed", "projected"):
         raise ValueError(f"form: expected 'absorbed', 'projected' or None, got {form!r}")
     if splits is not None and (not isinstance(splits, int) or splits < 1):
