@@ -1,0 +1,173 @@
+"""``llava-mini``: bench | profile | generate | plan."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_bytes(text: str) -> int:
+    """``24GB``, ``24GiB``, ``512MB`` or a plain number of bytes -> bytes (GB means GiB, as GPU cards say)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B)?\s*", text.upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size like 24GB, got {text!r}")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def cmd_bench(args) -> int:
+    from llava_mini.profiling.compare import BenchPlan, format_summary, run_bench
+    from llava_mini.profiling.results import RESULTS_DIR, device_slug
+
+    plan = BenchPlan.for_device(args.device, preset=args.preset, baseline_preset=args.baseline,
+                                dtype=DTYPES.get(args.dtype), repeats=args.repeats,
+                                batches=tuple(args.batches) if args.batches else None,
+                                frames=tuple(args.frames) if args.frames else None,
+                                backends=tuple(args.backends) if args.backends else None)
+    from llava_mini.profiling.ceilings import device_name
+
+    out = Path(args.out) if args.out else RESULTS_DIR / device_slug(device_name(plan.device))
+    results = run_bench(plan, out_dir=out, progress=not args.no_progress)
+    print(format_summary(results))
+    print(f"\nreport: {results['files']['markdown']}\njson:   {results['files']['json']}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from llava_mini.profiling.memory import format_bytes, plan
+
+    p = plan(args.preset, vram_bytes=args.vram, dtype=args.dtype, prompt_len=args.prompt_len, model=args.model)
+    d = p.to_dict()
+    if args.json:
+        print(json.dumps(d, indent=2, default=str))
+        return 0
+    print(f"{args.preset} ({args.model}), {args.dtype}, budget {format_bytes(args.vram)}:")
+    for key in ("max_frames", "bound_by"):
+        print(f"  {key}: {d[key]}")
+    for key in ("kv_per_frame", "per_frame", "encode_chunk_peak"):
+        print(f"  {key}: {format_bytes(d[key])}")
+    print(f"  weights: {format_bytes(d['weights']['total'] if isinstance(d['weights'], dict) else d['weights'])}")
+    print("  (a prediction; `llava-mini bench` on a GPU measures memory per frame)")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    from llava_mini.lmm import LlavaMini
+    from llava_mini.lmm.baseline import LlavaBaseline
+    from llava_mini.profiling.latency import random_inputs, stage_timings
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    cls = LlavaBaseline if args.model == "baseline" else LlavaMini
+    model = cls.from_preset(args.preset, dtype=dtype, device=device)
+    timings = stage_timings(model, batch=args.batch, repeats=args.repeats, backend=args.backend)
+    for stage, t in timings.items():
+        if args.stage in (None, stage):
+            print(f"{stage:<16}{t.median_ms:>10.3f} ms  (p10 {t.p10_ms:.3f}, p90 {t.p90_ms:.3f}, {t.clock})")
+    pixels, ids = random_inputs(model, args.batch, 43)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof, torch.no_grad():
+        model.generate(pixels, ids, max_new_tokens=4, stop_token_ids=[], backend=args.backend)
+    Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(args.trace)
+    print(prof.key_averages().table(sort_by="cuda_time_total" if device == "cuda" else "cpu_time_total", row_limit=15))
+    print(f"trace: {args.trace} (open in chrome://tracing or Perfetto)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from llava_mini.lmm import IMAGE_TOKEN_INDEX, LlavaMini
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.checkpoint:
+        model = LlavaMini.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+    else:
+        model = LlavaMini.from_preset(args.preset, dtype=dtype, device=device)
+    media = dict(videos=[args.video]) if args.video else dict(images=[args.image])
+    if args.prompt is not None:
+        tokens = model.generate(prompts=[args.prompt], max_new_tokens=args.max_new_tokens, backend=args.backend, **media)
+        print(model.decode(tokens)[0])
+    else:  # no tokenizer: a fixed id prompt around the image
+        tokens = model.generate(input_ids=[[1, IMAGE_TOKEN_INDEX, 3, 4, 5]], max_new_tokens=args.max_new_tokens,
+                                backend=args.backend, **media)
+        print(tokens[0].tolist())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llava_mini.kernels.backend import BACKENDS
+    from llava_mini.lmm import LlavaMiniConfig
+
+    presets = LlavaMiniConfig.presets()
+    parser = argparse.ArgumentParser(prog="llava-mini", description="LLaVA-Mini kernels, model and measurements")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="LLaVA-Mini vs the 576-token baseline: FLOPs, latency, VRAM; writes a report")
+    b.add_argument("--device", help="cuda or cpu (default: cuda if present)")
+    b.add_argument("--preset", choices=presets, help="LLaVA-Mini preset (default: llava-mini-vicuna-7b on GPU, small on CPU)")
+    b.add_argument("--baseline", help="baseline preset (default: llava-1.5-7b on GPU, small on CPU)")
+    b.add_argument("--dtype", choices=DTYPES)
+    b.add_argument("--backends", nargs="+", choices=BACKENDS)
+    b.add_argument("--batches", nargs="+", type=int)
+    b.add_argument("--frames", nargs="+", type=int)
+    b.add_argument("--repeats", type=int)
+    b.add_argument("--out", help="report folder (default: bench/results/<device>/)")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plan", help="how many frames fit in a VRAM budget (prediction)")
+    p.add_argument("--preset", choices=presets, default="llava-mini-llama-3.1-8b")
+    p.add_argument("--vram", type=parse_bytes, default=parse_bytes("24GB"))
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--model", choices=["mini", "baseline"], default="mini")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    f = sub.add_parser("profile", help="one model's stages and a torch.profiler trace")
+    f.add_argument("--model", choices=["mini", "baseline"], default="mini")
+    f.add_argument("--preset", default="tiny")
+    f.add_argument("--stage", help="print only this stage")
+    f.add_argument("--backend", choices=BACKENDS)
+    f.add_argument("--device")
+    f.add_argument("--dtype", choices=DTYPES)
+    f.add_argument("--batch", type=int, default=1)
+    f.add_argument("--repeats", type=int, default=5)
+    f.add_argument("--trace", default="out/trace.json")
+    f.set_defaults(func=cmd_profile)
+
+    g = sub.add_parser("generate", help="run one image or video through a model")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image")
+    src.add_argument("--video")
+    g.add_argument("--checkpoint", help="a local checkpoint directory in the released layout")
+    g.add_argument("--preset", default="tiny", help="random weights of a preset when no checkpoint is given")
+    g.add_argument("--prompt", help="a text question (needs the checkpoint's tokenizer)")
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--backend", choices=BACKENDS)
+    g.add_argument("--device")
+    g.add_argument("--dtype", choices=DTYPES)
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad input: a clear message, no traceback
+        print(f"llava-mini {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
