@@ -183,7 +183,7 @@ def _derive_weights(form, dtype, n, query, pos_embed, in_proj_weight, in_proj_bi
         out["key_bias"] = (pe_k @ absorbed.T).contiguous()  # [N, H*Q] fp32
         # The values are y * gamma + beta (sum of softmax weights = 1): fold gamma, beta into W_v, b_v.
         out["value_weight"] = (w_v * gamma).to(dtype).view(num_heads, head_dim, dim)
-        out["value_bias"] = (w_v @ beta + b_v).to(dtype).view(num_heads, head_dim)
+        out["value_bias"] = (w_v @ beta + b_v).to(dtype).view(num_heads, 1, head_dim)
     else:
         out["queries"] = q.to(dtype).contiguous()  # [H, Q, hd]
         out["ln_weight"], out["ln_bias"] = ln_kv_weight.to(dtype), ln_kv_bias.to(dtype)
@@ -211,7 +211,7 @@ def _configs():
 @triton.jit
 def _absorbed_kernel(
     x_ptr, queries_ptr, key_bias_ptr, y_ptr, max_ptr, sum_ptr,
-    N, D, HQ, rows_per_split, num_splits,
+    B, N, D, HQ, rows_per_split, num_splits,
     stride_xb, stride_xn, stride_xd,
     eps,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -259,7 +259,8 @@ def _absorbed_kernel(
                                               input_precision=DOT_PRECISION)
         running_max = new_max
 
-    row = (image * num_splits + split) * HQ + offs_hq
+    # Head-major workspace [H*Q, B, splits, D]: the value projection after is one batched GEMM.
+    row = (offs_hq * B + image) * num_splits + split
     tl.store(y_ptr + row[:, None] * D + offs_d[None, :], acc / running_sum[:, None],
              mask=mask_hq[:, None] & mask_d[None, :])
     tl.store(max_ptr + row, running_max, mask=mask_hq)
@@ -279,25 +280,28 @@ def _absorbed_heads(x, weights, num_heads, num_queries, eps, splits):
         splits = choose_splits(batch, n, target_programs(x.device))
     rows_per_split = triton.cdiv(n, splits)
     splits = triton.cdiv(n, rows_per_split)  # no empty split
-    y = _empty((batch, splits, hq, dim), torch.float32, x.device)
-    running_max = _empty((batch, splits, hq), torch.float32, x.device)
-    running_sum = _empty((batch, splits, hq), torch.float32, x.device)
+    # One split writes the final y directly in x's dtype; partial results stay fp32 for the merge.
+    y = _empty((hq, batch, splits, dim), x.dtype if splits == 1 else torch.float32, x.device)
+    running_max = _empty((hq, batch, splits), torch.float32, x.device)
+    running_sum = _empty((hq, batch, splits), torch.float32, x.device)
     _absorbed_kernel[(batch, splits)](
         x, weights["queries"], weights["key_bias"], y, running_max, running_sum,
-        n, dim, hq, rows_per_split, splits,
+        batch, n, dim, hq, rows_per_split, splits,
         x.stride(0), x.stride(1), x.stride(2),
         eps,
         BLOCK_D=triton.next_power_of_2(dim), BLOCK_HQ=max(16, triton.next_power_of_2(hq)),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
     if splits == 1:
-        y = y[:, 0]
+        y = y[:, :, 0]
     else:  # merge the splits' softmax states
-        weight = running_sum * torch.exp2(running_max - running_max.amax(dim=1, keepdim=True))
-        y = (y * weight[..., None]).sum(dim=1) / weight.sum(dim=1)[..., None]
-    y = y.to(x.dtype).view(batch, num_heads, num_queries, dim)
-    heads = torch.einsum("bhqd,hed->bqhe", y, weights["value_weight"]) + weights["value_bias"]
-    return heads.reshape(batch, num_queries, dim)
+        weight = running_sum * torch.exp2(running_max - running_max.amax(dim=2, keepdim=True))
+        y = ((y * weight[..., None]).sum(dim=2) / weight.sum(dim=2)[..., None]).to(x.dtype)
+    # [H, Q*B, D] @ [H, D, hd] per head, then back to [B, Q, H*hd].
+    heads = torch.baddbmm(weights["value_bias"], y.view(num_heads, num_queries * batch, dim),
+                          weights["value_weight"].transpose(1, 2))
+    head_dim = dim // num_heads
+    return heads.view(num_heads, num_queries, batch, head_dim).permute(2, 1, 0, 3).reshape(batch, num_queries, dim)
 
 
 def _projected_heads(x, weights, num_heads, num_queries, eps):
