@@ -40,8 +40,11 @@ def _compress_fake(x, query, *args):
     return x.new_empty((x.shape[0], query.shape[0], x.shape[2]))
 
 
-def compress_flops(batch: int, n: int, dim: int, num_queries: int, num_heads: int, form: str) -> int:
+def compress_flops(batch: int, n: int, dim: int, num_queries: int, num_heads: int, form: str | None = None) -> int:
     """FLOPs (2 per multiply-add) of what the fused op runs in ``form``, weight-only work excluded.
+
+    ``form`` defaults to ``choose_form``'s shape rule (no device limit); the registered FLOP
+    formula passes the form the op picks for the actual dtype and device.
 
     Absorbed form: scores and weighted sum (2 x 2*B*N*D*H*Q), the per-head value projection
     (2*B*H*Q*D*hd) and out_proj (2*B*Q*D*D).
@@ -49,7 +52,7 @@ def compress_flops(batch: int, n: int, dim: int, num_queries: int, num_heads: in
     """
     head_dim = dim // num_heads
     out_proj = 2 * batch * num_queries * dim * dim
-    if form == "absorbed":
+    if (form or choose_form(num_heads, num_queries, dim)) == "absorbed":
         hq = num_heads * num_queries
         return 4 * batch * n * dim * hq + 2 * batch * hq * dim * head_dim + out_proj
     return 4 * batch * n * dim * dim + 4 * batch * num_heads * num_queries * n * head_dim + out_proj
