@@ -22,6 +22,7 @@ def parse_bytes(text: str) -> int:
 
 
 def cmd_bench(args) -> int:
+    from llava_mini.profiling.ceilings import device_name
     from llava_mini.profiling.compare import BenchPlan, format_summary, run_bench
     from llava_mini.profiling.results import RESULTS_DIR, device_slug
 
@@ -30,8 +31,6 @@ def cmd_bench(args) -> int:
                                 batches=tuple(args.batches) if args.batches else None,
                                 frames=tuple(args.frames) if args.frames else None,
                                 backends=tuple(args.backends) if args.backends else None)
-    from llava_mini.profiling.ceilings import device_name
-
     out = Path(args.out) if args.out else RESULTS_DIR / device_slug(device_name(plan.device))
     results = run_bench(plan, out_dir=out, progress=not args.no_progress)
     print(format_summary(results))
@@ -120,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", nargs="+", type=int)
     b.add_argument("--frames", nargs="+", type=int)
     b.add_argument("--repeats", type=int)
-    b.add_argument("--out", help="report folder (default: bench/results/<device>/)")
+    b.add_argument("--out", help="report folder (default: ./bench/results/<device>/)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_bench)
 

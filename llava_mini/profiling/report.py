@@ -20,6 +20,7 @@ Every key but ``stages`` is optional: a plot or section without its data is skip
 from __future__ import annotations
 
 import json
+import textwrap
 import math
 from pathlib import Path
 
@@ -203,9 +204,41 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
         for g, v in proj["gpus"].items():
             out.append(f"| {g} | {v['ceilings']['tflops']:g} | {v['ceilings']['tbps']:g} | {v['total_ms']:.3g} |")
         out.append("")
+    out += _measured_section(results)
     if plots:
         out += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
     return "\n".join(out)
+
+
+def _measured_section(results: dict) -> list[str]:
+    """Throughput, decode rate, video and memory per frame as measured by ``llava-mini bench``."""
+    measured = results.get("measured")
+    if not measured:
+        return []
+    out = ["## Measured in this run", "", "| model | backend | batch | prefill ms | images/s |",
+           "| --- | --- | ---: | ---: | ---: |"]
+    for model, runs in measured.items():
+        for backend, r in runs.items():
+            for t in r.get("prefill_throughput", []):
+                out.append(f"| {model} | {backend} | {t['batch']} | {t['prefill_ms']:.3g} | {t['images_per_s']:.3g} |")
+    out += ["", "| model | backend | time to first token ms | decode tokens/s |", "| --- | --- | ---: | ---: |"]
+    for model, runs in measured.items():
+        for backend, r in runs.items():
+            d = r.get("decode", {})
+            out.append(f"| {model} | {backend} | {d.get('ttft_ms', float('nan')):.3g} | {d.get('tokens_per_s', float('nan')):.3g} |")
+    plan = results.get("plan", {}).get("mini", {})
+    rows = [(b, r["video"]) for b, r in measured.get("mini", {}).items() if "video" in r]
+    if rows:
+        out += ["", "| backend | frames: encode + prefill ms | KV bytes per added frame (measured) | planner |",
+                "| --- | --- | ---: | ---: |"]
+        for backend, v in rows:
+            lat = ", ".join(f"{x['frames']}: {x['ms']:.3g}" for x in v["latency"])
+            mem = v["memory_per_frame"]
+            out.append(f"| {backend} | {lat} | {mem['slope']:.0f} ({mem['method']}) | {plan.get('kv_per_frame', '-')} |")
+    for key, value in results.get("summary", {}).items():
+        if not isinstance(value, dict):
+            out.append(f"\n**{key.replace('_', ' ')}**: {value:.3g}x")
+    return out + [""]
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -246,7 +279,7 @@ def _frames_plot(results, key, ylabel, title, path, budget=None):
     ax.set_xlabel("frames")
     ax.set_ylabel(ylabel)
     src = fr.get("latency_source" if key == "latency_ms" else "vram_source", "")
-    ax.set_title(f"{title}\n({src})", fontsize=9)
+    ax.set_title(f"{title}\n" + "\n".join(textwrap.wrap(f"({src})", 70)), fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     return _save(fig, path)

@@ -13,7 +13,7 @@ import torch
 
 from llava_mini.profiling.ceilings import device_name
 
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
+RESULTS_DIR = Path("bench") / "results"  # relative to where the command runs (the repository root)
 
 
 def git_commit() -> str:
