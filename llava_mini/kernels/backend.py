@@ -110,3 +110,24 @@ def attn_implementation(name: str | None = None) -> str:
         # Registering the kernel with transformers' AttentionInterface happens on import.
         from llava_mini.kernels import hf  # noqa: F401
     return ATTN_IMPLEMENTATION[name]
+
+
+@contextlib.contextmanager
+def configs_on_backend(name: str, text_config, vision_config=None):
+    """Run a block with a model's attention on backend ``name`` (the process switch too).
+
+    The text (causal) config gets ``attn_implementation(name)``, the vision (bidirectional) config
+    ``vision_attn_implementation(name)``; both are restored afterwards.
+    """
+    configs = [(text_config, attn_implementation(name))]
+    if vision_config is not None:
+        configs.append((vision_config, vision_attn_implementation(name)))
+    previous = [c._attn_implementation for c, _ in configs]
+    for config, impl in configs:
+        config._attn_implementation = impl
+    try:
+        with use_backend(name):
+            yield name
+    finally:
+        for (config, _), impl in zip(configs, previous):
+            config._attn_implementation = impl

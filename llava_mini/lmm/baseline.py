@@ -72,14 +72,8 @@ class LlavaBaseline(nn.Module):
     @contextlib.contextmanager
     def backend_scope(self, backend: str | None = None):
         name = backends.validate(backend) if backend is not None else (self._backend or backends.get_backend())
-        text, vision = self.model.config.text_config, self.model.config.vision_config
-        previous = text._attn_implementation, vision._attn_implementation
-        text._attn_implementation = backends.attn_implementation(name)
-        vision._attn_implementation = backends.vision_attn_implementation(name)  # CLIP is not causal
-        try:
+        with backends.configs_on_backend(name, self.model.config.text_config, self.model.config.vision_config):
             yield name
-        finally:
-            text._attn_implementation, vision._attn_implementation = previous
 
     def expand_ids(self, ids: list[int], row: int) -> list[int]:
         """LLaVA-Mini's prompt ids with its one IMAGE_TOKEN_INDEX -> LLaVA-1.5's 576 image tokens."""

@@ -116,15 +116,8 @@ class LlavaMini(nn.Module):
     def backend_scope(self, backend: str | None = None):
         """Run a block on ``backend`` (else this model's, else the process default/environment)."""
         name = backends.validate(backend) if backend is not None else (self._backend or backends.get_backend())
-        text, vision = self.llm.config, self.vision_tower.config
-        previous = text._attn_implementation, vision._attn_implementation
-        text._attn_implementation = backends.attn_implementation(name)
-        vision._attn_implementation = backends.vision_attn_implementation(name)
-        try:
-            with backends.use_backend(name):
-                yield name
-        finally:
-            text._attn_implementation, vision._attn_implementation = previous
+        with backends.configs_on_backend(name, self.llm.config, self.vision_tower.config):
+            yield name
 
     # --- stages ------------------------------------------------------------------------------------
     def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
