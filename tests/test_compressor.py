@@ -39,7 +39,7 @@ class ReleasedResampler(nn.Module):
         self.ln_kv = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x):
-        n, side = x.shape[1], int(math.sqrt(x.shape[1]))
+        side = int(math.sqrt(x.shape[1]))
         src = int(math.sqrt(self.pos_embed.shape[0]))
         pos = self.pos_embed
         if src != side:

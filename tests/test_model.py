@@ -227,3 +227,30 @@ def test_triton_backend_equals_the_reference_path(savings):
     video = model.encode(videos=[imgs], input_ids=[PROMPTS[0]], backend="triton").inputs_embeds
     torch.testing.assert_close(video, model.encode(videos=[imgs], input_ids=[PROMPTS[0]]).inputs_embeds,
                                atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
+def test_static_cache_decoding_equals_the_dynamic_cache(backend):
+    model = model_of()
+    imgs = images(2)
+    want = model.generate(imgs, PROMPTS, max_new_tokens=6, stop_token_ids=[], backend=backend)
+    got = model.generate(imgs, PROMPTS, max_new_tokens=6, stop_token_ids=[], backend=backend, static_cache=True)
+    assert torch.equal(got, want)
+
+
+def test_cuda_graph_decoding_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    with pytest.raises(ValueError, match="cuda_graph: needs a CUDA device"):
+        model_of().generate(images(1), [PROMPTS[0]], max_new_tokens=2, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_cuda_graph_decoding_equals_the_dynamic_cache(backend):
+    torch.manual_seed(0)
+    model = LlavaMini.from_preset("tiny", dtype=torch.float32, device="cuda")
+    imgs = images(2)
+    want = model.generate(imgs, PROMPTS, max_new_tokens=8, stop_token_ids=[], backend=backend)
+    got = model.generate(imgs, PROMPTS, max_new_tokens=8, stop_token_ids=[], backend=backend, cuda_graph=True)
+    assert torch.equal(got, want)

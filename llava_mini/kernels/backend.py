@@ -108,7 +108,7 @@ def attn_implementation(name: str | None = None) -> str:
     name = get_backend() if name is None else validate(name)
     if name == "triton":
         # Registering the kernel with transformers' AttentionInterface happens on import.
-        from llava_mini.kernels import hf  # noqa: F401
+        import llava_mini.kernels.hf  # noqa: F401
     return ATTN_IMPLEMENTATION[name]
 
 

@@ -114,11 +114,13 @@ class LlavaBaseline(nn.Module):
     @torch.no_grad()
     def generate(self, images=None, input_ids=None, *, attention_mask=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_k=None, top_p=None, stop_token_ids=None,
-                 use_cache: bool = True, generator=None, backend: str | None = None) -> torch.Tensor:
+                 use_cache: bool = True, generator=None, backend: str | None = None, static_cache: bool = False,
+                 cuda_graph: bool = False) -> torch.Tensor:
         """Generate new tokens [B, n], as ``LlavaMini.generate``."""
         with self.backend_scope(backend) as name:
             prompt = self.encode(images, input_ids, attention_mask=attention_mask, backend=name)
             eos = self.model.config.text_config.eos_token_id
             stops = stop_token_ids if stop_token_ids is not None else ([] if eos is None else [eos] if isinstance(eos, int) else eos)
             return generate(self.model, prompt, max_new_tokens, do_sample, temperature, top_k, top_p, list(stops),
-                            self.model.config.text_config.pad_token_id or 0, use_cache, generator)
+                            self.model.config.text_config.pad_token_id or 0, use_cache, generator,
+                            static_cache=static_cache, cuda_graph=cuda_graph)

@@ -330,18 +330,22 @@ class LlavaMini(nn.Module):
     def generate(self, images=None, input_ids=None, *, prompts=None, videos=None, prefix: Prefix | None = None,
                  attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, stop_token_ids=None, use_cache: bool = True,
+                 static_cache: bool = False, cuda_graph: bool = False,
                  generator: torch.Generator | None = None, fps: float = 1.0, max_frames: int | None = 1000,
                  backend: str | None = None) -> torch.Tensor:
         """Generate new tokens [B, n] (greedy, or sampling with temperature / top-k / top-p).
 
         Inputs as for ``encode``. Stops at ``stop_token_ids`` (default: the config's eos ids);
-        finished rows are padded with the pad id. ``decode`` turns the ids into text.
+        finished rows are padded with the pad id. ``decode`` turns the ids into text. Decode steps
+        use transformers' DynamicCache; ``static_cache`` a fixed-address cache, and ``cuda_graph``
+        (CUDA only) replays each step as one captured CUDA graph.
         """
         with self.backend_scope(backend) as name:
             prompt = self.encode(images, input_ids, prompts=prompts, videos=videos, prefix=prefix,
                                  attention_mask=attention_mask, fps=fps, max_frames=max_frames, backend=name)
             return generate(self.llm, prompt, max_new_tokens, do_sample, temperature, top_k, top_p,
-                            self.stop_ids(stop_token_ids), self.llm.config.pad_token_id or 0, use_cache, generator)
+                            self.stop_ids(stop_token_ids), self.llm.config.pad_token_id or 0, use_cache, generator,
+                            static_cache=static_cache, cuda_graph=cuda_graph)
 
     def stop_ids(self, stop_token_ids) -> list[int]:
         if stop_token_ids is not None:

@@ -86,6 +86,12 @@ def measure_model(model, plan: BenchPlan, backend: str, step) -> dict:
     out["prefill_throughput"] = throughput
     out["decode"] = decode_rate(model, batch=1, prompt_len=PROMPT_LEN, new_tokens=plan.new_tokens,
                                 repeats=max(1, plan.repeats // 2), backend=backend)
+    if model.device.type == "cuda":
+        try:
+            out["decode_cuda_graph"] = decode_rate(model, batch=1, prompt_len=PROMPT_LEN, new_tokens=plan.new_tokens,
+                                                   repeats=max(1, plan.repeats // 2), backend=backend, cuda_graph=True)
+        except RuntimeError as e:  # reported, not hidden: the table shows why there is no graphed figure
+            out["decode_cuda_graph"] = {"error": str(e)[:500]}
     step()
     return out
 
