@@ -221,11 +221,14 @@ def _measured_section(results: dict) -> list[str]:
         for backend, r in runs.items():
             for t in r.get("prefill_throughput", []):
                 out.append(f"| {model} | {backend} | {t['batch']} | {t['prefill_ms']:.3g} | {t['images_per_s']:.3g} |")
-    out += ["", "| model | backend | time to first token ms | decode tokens/s |", "| --- | --- | ---: | ---: |"]
+    out += ["", "| model | backend | time to first token ms | decode tokens/s | with CUDA graphs |",
+            "| --- | --- | ---: | ---: | ---: |"]
     for model, runs in measured.items():
         for backend, r in runs.items():
-            d = r.get("decode", {})
-            out.append(f"| {model} | {backend} | {d.get('ttft_ms', float('nan')):.3g} | {d.get('tokens_per_s', float('nan')):.3g} |")
+            d, g = r.get("decode", {}), r.get("decode_cuda_graph")
+            graphed = "-" if g is None else (f"error: {g['error'][:60]}" if "error" in g else f"{g['tokens_per_s']:.3g}")
+            out.append(f"| {model} | {backend} | {d.get('ttft_ms', float('nan')):.3g} | "
+                       f"{d.get('tokens_per_s', float('nan')):.3g} | {graphed} |")
     plan = results.get("plan", {}).get("mini", {})
     rows = [(b, r["video"]) for b, r in measured.get("mini", {}).items() if "video" in r]
     if rows:
