@@ -210,3 +210,18 @@ def test_varlen_prefusion_shapes_bf16(device):
     cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
     out = prefusion_attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
     _assert_within_twice_torch_error(out, q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+def test_batches_beyond_the_grid_limit_are_launched_in_slices(monkeypatch, device):
+    """batch x heads over CUDA's 65535 grid rows: the launcher slices the batch (limit lowered here)."""
+    import llava_mini.kernels.prefusion.triton as kernel
+
+    monkeypatch.setattr(kernel, "MAX_GRID_Y", 4)
+    torch.manual_seed(0)
+    q = torch.randn(5, 7, 2, 16, device=device)
+    k = torch.randn(5, 9, 1, 16, device=device)
+    v = torch.randn(5, 9, 1, 16, device=device)
+    keep = torch.rand(5, 9, device=device) > 0.3
+    out = kernel.prefusion_attention_triton(q, k, v, key_padding_mask=keep)
+    want = prefusion_attention_ref(q.double(), k.double(), v.double(), key_padding_mask=keep)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)

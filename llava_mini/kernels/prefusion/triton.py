@@ -168,6 +168,9 @@ def _prefusion_attention_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on the grid's second axis
+
+
 def prefusion_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -192,6 +195,13 @@ def prefusion_attention_triton(
     # A contiguous output whatever q's strides: callers reshape it to [..., H * d] without a copy.
     out = q.new_empty(q.shape) if out is None else out
     varlen = cu_seqlens_q is not None
+    rows = max(1, MAX_GRID_Y // q.shape[-2])
+    if not varlen and q.shape[0] > rows:  # the grid's second axis holds batch x heads: launch in slices
+        for i in range(0, q.shape[0], rows):
+            part = slice(i, i + rows)
+            prefusion_attention_triton(q[part], k[part], v[part], causal=causal, scale=scale, out=out[part],
+                                       key_padding_mask=None if key_padding_mask is None else key_padding_mask[part])
+        return out
     if varlen:
         # View packed tensors as one "batch" row of the padded layout: only strides 1..3 are read.
         q4, k4, v4, o4 = (t.unsqueeze(0) for t in (q, k, v, out))
