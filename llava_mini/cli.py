@@ -41,8 +41,9 @@ def cmd_bench(args) -> int:
 def cmd_plan(args) -> int:
     from llava_mini.profiling.memory import format_bytes, plan
 
-    p = plan(args.preset, vram_bytes=args.vram, dtype=args.dtype, prompt_len=args.prompt_len, model=args.model)
-    d = p.to_dict()
+    d = plan(args.preset, vram_bytes=args.vram, dtype=args.dtype, prompt_len=args.prompt_len, model=args.model).to_dict()
+    if args.measure:
+        d["measured"] = measure_frames_in_budget(args.preset, args.vram, d["max_frames"], args.prompt_len)
     if args.json:
         print(json.dumps(d, indent=2, default=str))
         return 0
@@ -52,8 +53,34 @@ def cmd_plan(args) -> int:
     for key in ("kv_per_frame", "per_frame", "encode_chunk_peak"):
         print(f"  {key}: {format_bytes(d[key])}")
     print(f"  weights: {format_bytes(d['weights']['total'] if isinstance(d['weights'], dict) else d['weights'])}")
-    print("  (a prediction; `llava-mini bench` on a GPU measures memory per frame)")
+    if "measured" in d:
+        print(f"  measured: {d['measured']['max_frames']} frames fit (planner: {d['max_frames']}); "
+              f"tried {len(d['measured']['tried'])} frame counts")
+    else:
+        print("  (a prediction; add --measure on a GPU to find the real maximum under the budget)")
     return 0
+
+
+def measure_frames_in_budget(preset: str, vram: int, predicted: int, prompt_len: int) -> dict:
+    """The most frames of one prompt that encode and prefill under a ``vram`` cap (CUDA, bf16)."""
+    from llava_mini.lmm import LlavaMini
+    from llava_mini.profiling.latency import random_inputs
+    from llava_mini.profiling.memory import max_frames_in_budget
+
+    if not torch.cuda.is_available():
+        raise ValueError("--measure: needs a CUDA GPU")
+    model = LlavaMini.from_preset(preset, dtype=torch.bfloat16, device="cuda")
+    _, ids = random_inputs(model, 1, prompt_len)
+    s = model.config.crop_size
+
+    def run(frames: int):
+        video = torch.randn(frames, 3, s, s, dtype=torch.bfloat16)  # stays on the CPU; moved per chunk
+        with model.backend_scope("sdpa"), torch.no_grad():  # the planner assumes flash-style attention
+            prompt = model.encode(videos=[video], input_ids=ids)
+            return model.llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+                             position_ids=prompt.position_ids, logits_to_keep=1, use_cache=True)
+
+    return max_frames_in_budget(run, vram, lo=1, hi=max(64, 2 * predicted))
 
 
 def cmd_profile(args) -> int:
@@ -130,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--model", choices=["mini", "baseline"], default="mini")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--measure", action="store_true", help="also search the real maximum under the budget (GPU)")
     p.set_defaults(func=cmd_plan)
 
     f = sub.add_parser("profile", help="one model's stages and a torch.profiler trace")

@@ -56,3 +56,10 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "cannot read an image" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--backends", "cuda"])
+
+
+def test_plan_measure_needs_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    assert main(["plan", "--measure"]) == 2
+    assert "--measure: needs a CUDA GPU" in capsys.readouterr().err

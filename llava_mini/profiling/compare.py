@@ -17,6 +17,7 @@ from tqdm import tqdm
 from llava_mini.lmm import LlavaMini
 from llava_mini.lmm.baseline import LlavaBaseline
 from llava_mini.profiling import memory as M
+from llava_mini.profiling import nvml
 from llava_mini.profiling.ceilings import measure_ceilings
 from llava_mini.profiling.flops import STAGES
 from llava_mini.profiling.latency import decode_rate, measure, random_inputs, stage_timings
@@ -80,8 +81,12 @@ def measure_model(model, plan: BenchPlan, backend: str, step) -> dict:
             return llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
                        position_ids=prompt.position_ids, logits_to_keep=1)
 
-        t = measure(prefill, model.device, warmup=1, repeats=plan.repeats)
-        throughput.append({"batch": batch, "prefill_ms": t.median_ms, "images_per_s": batch * 1e3 / t.median_ms})
+        with nvml.EnergyMeter() as meter:  # energy over the timed calls (warm-up included in the count)
+            t = measure(prefill, model.device, warmup=1, repeats=plan.repeats)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+        throughput.append({"batch": batch, "prefill_ms": t.median_ms, "images_per_s": batch * 1e3 / t.median_ms,
+                           "joules_per_image": meter.per_item(batch * (plan.repeats + 1)) if meter.available else None})
         step()
     out["prefill_throughput"] = throughput
     out["decode"] = decode_rate(model, batch=1, prompt_len=PROMPT_LEN, new_tokens=plan.new_tokens,
@@ -162,6 +167,8 @@ def run_bench(plan: BenchPlan, out_dir=None, progress: bool = True) -> dict:
     results["measured"] = measured
     results["measured_backend"] = {"mini": best, "baseline": base_backend}
     results["ceilings_measured"] = ceilings.to_dict()
+    info = nvml.device_info() if plan.device.startswith("cuda") else None
+    results["nvml"] = info.to_dict() if info is not None else {"unavailable": nvml.unavailable_reason() or "cpu run"}
     results["summary"] = summarize(measured, best, base_backend)
     if out_dir is not None:
         results["files"] = {k: str(v) if not isinstance(v, dict) else {n: str(p) for n, p in v.items()}
