@@ -21,12 +21,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 PROMPT_LEN = 43
 
 
+@torch.no_grad()
 def prefill(model, pixels, ids, backend, **media):
-    prompt = model.encode(pixels, ids, backend=backend, **media) if pixels is not None else \
-        model.encode(input_ids=ids, backend=backend, **media)
+    """Encode + LLM prefill, both on ``backend``."""
     llm = model.llm if hasattr(model, "llm") else model.model
-    out = llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-              position_ids=prompt.position_ids, logits_to_keep=1)
+    with model.backend_scope(backend):
+        prompt = model.encode(pixels, ids, **media) if pixels is not None else model.encode(input_ids=ids, **media)
+        out = llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+                  position_ids=prompt.position_ids, logits_to_keep=1)
     torch.cuda.synchronize()
     return out
 

@@ -4,8 +4,8 @@ One run, one model (random weights at the real shapes), side by side:
 
 - pre-fusion stage (vision + compressed + L text rows through the pre-fusion layers) for
   batch 1/16/64 and L = 43/128: the released computation on the reference backend ("torch") and
-  on SDPA, then with the savings (prefix split + pruned last layer) on SDPA and on the Triton
-  kernels, and a second question about the same images (the cached prefix: text rows only);
+  on SDPA, then each saving alone and both (prefix split, pruned last layer) on SDPA and on the
+  Triton kernels, and a second question about the same images (the cached prefix: text rows only);
 - a video of 100 and 1,000 frames encoded to the LLM input: the released per-frame loop against
   batched frames with the savings.
 
@@ -43,12 +43,17 @@ def stage_cases(model, batch: int, text: int, repeats: int) -> list[dict]:
             rows.append(dict(stage="prefusion", variant=variant, backend=backend, batch=batch, text_tokens=text,
                              ms=run(fn)))
 
-    full = lambda: model.fuse_reference(vision, compressed, ids)  # noqa: E731
-    split = lambda: model.fuse_text(model.prefusion.prefix(vision, compressed, True), ids)  # noqa: E731
-    record("released", "torch", RELEASED, full)
-    record("released", "sdpa", RELEASED, full)
-    record("savings", "sdpa", SAVED, split)
-    record("savings", "triton", SAVED, split)
+    def stage():  # the pre-fusion stage as encode runs it under model.savings
+        if model.savings.prefix_split:
+            return model.fuse_text(model.prefusion.prefix(vision, compressed, model.savings.prune_last_layer), ids)
+        return model.fuse_reference(vision, compressed, ids)
+
+    record("released", "torch", RELEASED, stage)
+    record("released", "sdpa", RELEASED, stage)
+    for backend in ("sdpa", "triton"):
+        record("prefix_split", backend, Savings(prefix_split=True, prune_last_layer=False), stage)
+        record("prune_last_layer", backend, Savings(prefix_split=False, prune_last_layer=True), stage)
+        record("both_savings", backend, SAVED, stage)
     with model.backend_scope("triton"):
         prefix = model.prefusion.prefix(vision, compressed, True)
     record("second_question", "triton", SAVED, lambda: model.fuse_text(prefix, ids))
@@ -97,11 +102,11 @@ def _with_llm_layers(preset: str, layers: int):
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'stage':<13}{'variant':<16}{'backend':<8}{'batch/frames':>13}{'L':>5}{'ms':>11}{'speedup':>9}")
+    print(f"{'stage':<13}{'variant':<18}{'backend':<8}{'batch/frames':>13}{'L':>5}{'ms':>11}{'speedup':>9}")
     for r in rows:
         size = r.get("batch", r.get("frames"))
         speed = r.get("speedup_vs_released_torch", r.get("speedup_vs_loop"))
-        print(f"{r['stage']:<13}{r['variant']:<16}{r['backend']:<8}{size:>13}{r['text_tokens']:>5}"
+        print(f"{r['stage']:<13}{r['variant']:<18}{r['backend']:<8}{size:>13}{r['text_tokens']:>5}"
               f"{r['ms']:>11.3f}{speed:>8.2f}x")
 
 

@@ -77,9 +77,10 @@ def measure_model(model, plan: BenchPlan, backend: str, step) -> dict:
         llm = model.llm if hasattr(model, "llm") else model.model
 
         def prefill():
-            prompt = model.encode(pixels, ids, backend=backend)
-            return llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                       position_ids=prompt.position_ids, logits_to_keep=1)
+            with model.backend_scope(backend), torch.no_grad():  # the LLM call too, not only encode
+                prompt = model.encode(pixels, ids)
+                return llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+                           position_ids=prompt.position_ids, logits_to_keep=1)
 
         with nvml.EnergyMeter() as meter:  # energy over the timed calls (warm-up included in the count)
             t = measure(prefill, model.device, warmup=1, repeats=plan.repeats)
@@ -110,9 +111,10 @@ def measure_video(model, plan: BenchPlan, backend: str, step) -> dict:
         video = torch.randn(frames, 3, s, s, generator=torch.Generator().manual_seed(frames))
 
         def run():
-            prompt = model.encode(videos=[video], input_ids=ids, backend=backend)
-            return model.llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                             position_ids=prompt.position_ids, logits_to_keep=1, use_cache=True)
+            with model.backend_scope(backend), torch.no_grad():
+                prompt = model.encode(videos=[video], input_ids=ids)
+                return model.llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+                                 position_ids=prompt.position_ids, logits_to_keep=1, use_cache=True)
 
         t = measure(run, model.device, warmup=1, repeats=max(1, plan.repeats // 2))
         rows.append({"frames": frames, "ms": t.median_ms})
@@ -120,9 +122,10 @@ def measure_video(model, plan: BenchPlan, backend: str, step) -> dict:
 
     def kv_of(frames: int):
         video = torch.randn(frames, 3, s, s)
-        prompt = model.encode(videos=[video], input_ids=ids, backend=backend)
-        return model.llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                         position_ids=prompt.position_ids, logits_to_keep=1, use_cache=True).past_key_values
+        with model.backend_scope(backend), torch.no_grad():
+            prompt = model.encode(videos=[video], input_ids=ids)
+            return model.llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+                             position_ids=prompt.position_ids, logits_to_keep=1, use_cache=True).past_key_values
 
     counts = [f for f in plan.frames[:3]] if len(plan.frames) >= 2 else [1, 2]
     slope = M.measure_slope(kv_of, counts, device=model.device)
