@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Everything a GPU session runs, in steps that each fit the device tool's 10-minute command limit:
+#   bash bench/gpu_runbook.sh tests      # the whole suite on CUDA (bf16 and GPU-only tests included)
+#   bash bench/gpu_runbook.sh kernels    # compressor + attention kernel sweeps (JSON under bench/results/<gpu>/)
+#   bash bench/gpu_runbook.sh stages     # pre-fusion savings, video loop vs batched
+#   bash bench/gpu_runbook.sh main       # llava-mini bench: the report against the 576-token baseline
+#   bash bench/gpu_runbook.sh budget     # frames of Llama-3.1-8B context that fit a 24 GB cap, measured
+# The GPU machine has torch/triton/transformers preinstalled and no network: run from the repository
+# root with PYTHONPATH=. (no install).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
+case "${1:-}" in
+  tests)   python -m pytest -q tests -x ;;
+  kernels) python bench/test_bench_compress.py && python bench/test_bench_prefusion.py ;;
+  stages)  python bench/test_bench_stages.py ;;
+  main)    python -m llava_mini.cli bench ;;
+  budget)  python -m llava_mini.cli plan --vram 24GB --preset llava-mini-llama-3.1-8b --measure --json \
+             > "bench/results/$(python -c 'from llava_mini.profiling.results import device_slug; from llava_mini.profiling.ceilings import device_name; print(device_slug(device_name()))')/budget.json" ;;
+  *) echo "usage: bash bench/gpu_runbook.sh tests|kernels|stages|main|budget" >&2; exit 2 ;;
+esac
