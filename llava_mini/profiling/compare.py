@@ -90,6 +90,19 @@ def measure_model(model, plan: BenchPlan, backend: str, step) -> dict:
                            "joules_per_image": meter.per_item(batch * (plan.repeats + 1)) if meter.available else None})
         step()
     out["prefill_throughput"] = throughput
+
+    def cache_of(batch: int):
+        pixels, ids = random_inputs(model, batch, PROMPT_LEN)
+        with model.backend_scope(backend), torch.no_grad():
+            prompt = model.encode(pixels, ids)
+            return llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+                       position_ids=prompt.position_ids, logits_to_keep=1, use_cache=True).past_key_values
+
+    # Weights and per-image growth apart: parameters as allocated, then the slope over batch sizes
+    # (KV bytes on the CPU; peak allocated on CUDA, activations included, the intercept is fixed cost).
+    out["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    counts = list(plan.batches) if len(plan.batches) >= 2 else [1, 2]
+    out["memory_per_image"] = M.measure_slope(cache_of, counts, device=model.device).to_dict()
     out["decode"] = decode_rate(model, batch=1, prompt_len=PROMPT_LEN, new_tokens=plan.new_tokens,
                                 repeats=max(1, plan.repeats // 2), backend=backend)
     if model.device.type == "cuda":

@@ -229,6 +229,14 @@ def _measured_section(results: dict) -> list[str]:
             graphed = "-" if g is None else (f"error: {g['error'][:60]}" if "error" in g else f"{g['tokens_per_s']:.3g}")
             out.append(f"| {model} | {backend} | {d.get('ttft_ms', float('nan')):.3g} | "
                        f"{d.get('tokens_per_s', float('nan')):.3g} | {graphed} |")
+    out += ["", "| model | backend | weights | bytes per added image and its prompt (measured) | intercept |",
+            "| --- | --- | ---: | ---: | ---: |"]
+    for model, runs in measured.items():
+        for backend, r in runs.items():
+            mem = r.get("memory_per_image")
+            if mem:
+                out.append(f"| {model} | {backend} | {r.get('weights_bytes', 0) / 2**20:.1f} MiB | "
+                           f"{mem['slope']:.0f} ({mem['method']}) | {mem['intercept']:.0f} |")
     plan = results.get("plan", {}).get("mini", {})
     rows = [(b, r["video"]) for b, r in measured.get("mini", {}).items() if "video" in r]
     if rows:
