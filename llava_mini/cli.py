@@ -64,7 +64,7 @@ def cmd_plan(args) -> int:
 def measure_frames_in_budget(preset: str, vram: int, predicted: int, prompt_len: int) -> dict:
     """The most frames of one prompt that encode and prefill under a ``vram`` cap (CUDA, bf16)."""
     from llava_mini.lmm import LlavaMini
-    from llava_mini.profiling.latency import random_inputs
+    from llava_mini.profiling.latency import prefill, random_inputs
     from llava_mini.profiling.memory import max_frames_in_budget
 
     if not torch.cuda.is_available():
@@ -75,10 +75,8 @@ def measure_frames_in_budget(preset: str, vram: int, predicted: int, prompt_len:
 
     def run(frames: int):
         video = torch.randn(frames, 3, s, s, dtype=torch.bfloat16)  # stays on the CPU; moved per chunk
-        with model.backend_scope("sdpa"), torch.no_grad():  # the planner assumes flash-style attention
-            prompt = model.encode(videos=[video], input_ids=ids)
-            return model.llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                             position_ids=prompt.position_ids, logits_to_keep=1, use_cache=True)
+        # "sdpa": the planner assumes flash-style attention
+        return prefill(model, ids, videos=[video], backend="sdpa", use_cache=True)
 
     return max_frames_in_budget(run, vram, lo=1, hi=max(64, 2 * predicted))
 

@@ -136,11 +136,16 @@ class LlavaMini(nn.Module):
         if r == 1:
             feats = self.vision_features(pixels)
             return self.mm_projector(feats), self.mm_projector(self.compressor(feats))
-        b, g = pixels.shape[0], self.config.grid
-        feats = self.vision_features(pixels.flatten(0, 1)).view(b, r * r + 1, g * g, -1)
-        crops = feats[:, :-1].reshape(b, r, r, g, g, -1).transpose(2, 3).reshape(b, r * g * r * g, -1)
+        feats = self.vision_features(pixels.flatten(0, 1)).view(pixels.shape[0], r * r + 1, self.config.num_patches, -1)
+        crops = self.tile_crops(feats)
         vision = torch.cat([self.mm_projector(crops), self.mm_projector(feats[:, -1])], dim=1)
         return vision, self.mm_projector(self.compressor(crops))
+
+    def tile_crops(self, feats: torch.Tensor) -> torch.Tensor:
+        """HD: the r x r crops' features [B, r*r(+1), N, Dv] -> one (r*grid)^2 map [B, r*r*N, Dv], row-major."""
+        r, g = self.config.resolution_ratio, self.config.grid
+        b = feats.shape[0]
+        return feats[:, :r * r].reshape(b, r, r, g, g, -1).transpose(2, 3).reshape(b, r * g * r * g, -1)
 
     def check_pixels(self, pixels) -> None:
         s, r = self.config.crop_size, self.config.resolution_ratio

@@ -20,7 +20,7 @@ from llava_mini.profiling import memory as M
 from llava_mini.profiling import nvml
 from llava_mini.profiling.ceilings import measure_ceilings
 from llava_mini.profiling.flops import STAGES
-from llava_mini.profiling.latency import decode_rate, measure, random_inputs, stage_timings
+from llava_mini.profiling.latency import decode_rate, measure, prefill, random_inputs, stage_timings
 from llava_mini.profiling.report import analytic_results, render_report
 from llava_mini.profiling.results import environment_tags
 
@@ -74,16 +74,9 @@ def measure_model(model, plan: BenchPlan, backend: str, step) -> dict:
     throughput = []
     for batch in plan.batches:
         pixels, ids = random_inputs(model, batch, PROMPT_LEN)
-        llm = model.llm if hasattr(model, "llm") else model.model
-
-        def prefill():
-            with model.backend_scope(backend), torch.no_grad():  # the LLM call too, not only encode
-                prompt = model.encode(pixels, ids)
-                return llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                           position_ids=prompt.position_ids, logits_to_keep=1)
-
         with nvml.EnergyMeter() as meter:  # energy over the timed calls (warm-up included in the count)
-            t = measure(prefill, model.device, warmup=1, repeats=plan.repeats)
+            t = measure(lambda: prefill(model, ids, pixels, backend=backend), model.device, warmup=1,
+                        repeats=plan.repeats)
             if model.device.type == "cuda":
                 torch.cuda.synchronize()
         throughput.append({"batch": batch, "prefill_ms": t.median_ms, "images_per_s": batch * 1e3 / t.median_ms,
@@ -93,10 +86,7 @@ def measure_model(model, plan: BenchPlan, backend: str, step) -> dict:
 
     def cache_of(batch: int):
         pixels, ids = random_inputs(model, batch, PROMPT_LEN)
-        with model.backend_scope(backend), torch.no_grad():
-            prompt = model.encode(pixels, ids)
-            return llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                       position_ids=prompt.position_ids, logits_to_keep=1, use_cache=True).past_key_values
+        return prefill(model, ids, pixels, backend=backend, use_cache=True).past_key_values
 
     # Weights and per-image growth apart: parameters as allocated, then the slope over batch sizes
     # (KV bytes on the CPU; peak allocated on CUDA, activations included, the intercept is fixed cost).
@@ -122,23 +112,14 @@ def measure_video(model, plan: BenchPlan, backend: str, step) -> dict:
     rows = []
     for frames in plan.frames:
         video = torch.randn(frames, 3, s, s, generator=torch.Generator().manual_seed(frames))
-
-        def run():
-            with model.backend_scope(backend), torch.no_grad():
-                prompt = model.encode(videos=[video], input_ids=ids)
-                return model.llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                                 position_ids=prompt.position_ids, logits_to_keep=1, use_cache=True)
-
-        t = measure(run, model.device, warmup=1, repeats=max(1, plan.repeats // 2))
+        t = measure(lambda: prefill(model, ids, videos=[video], backend=backend, use_cache=True), model.device,
+                    warmup=1, repeats=max(1, plan.repeats // 2))
         rows.append({"frames": frames, "ms": t.median_ms})
         step()
 
     def kv_of(frames: int):
         video = torch.randn(frames, 3, s, s)
-        with model.backend_scope(backend), torch.no_grad():
-            prompt = model.encode(videos=[video], input_ids=ids)
-            return model.llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                             position_ids=prompt.position_ids, logits_to_keep=1, use_cache=True).past_key_values
+        return prefill(model, ids, videos=[video], backend=backend, use_cache=True).past_key_values
 
     counts = [f for f in plan.frames[:3]] if len(plan.frames) >= 2 else [1, 2]
     slope = M.measure_slope(kv_of, counts, device=model.device)

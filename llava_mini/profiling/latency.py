@@ -80,15 +80,13 @@ def stage_timings(model, batch: int = 1, prompt_len: int = 43, warmup: int = 2, 
     run = lambda fn: measure(fn, model.device, warmup, repeats)  # noqa: E731
     out: dict[str, Timing] = {}
     is_mini = hasattr(model, "compressor")
-    llm = model.llm if is_mini else model.model
     with model.backend_scope(backend):
         if is_mini:
             r, g = model.config.resolution_ratio, model.config.grid
             crops = pixels if r == 1 else pixels.flatten(0, 1)
             feats = model.vision_features(crops)
             if r > 1:  # the compressor sees the tiled crops
-                feats = feats.view(batch, r * r + 1, g * g, -1)[:, :-1].reshape(batch, r, r, g, g, -1) \
-                    .transpose(2, 3).reshape(batch, r * g * r * g, -1)
+                feats = model.tile_crops(feats.view(batch, r * r + 1, g * g, -1))
             compressed = model.compressor(feats)
             vision, compressed_embeds = model.embed_vision(pixels)
             out["vision_encoder"] = run(lambda: model.vision_features(crops))
@@ -106,15 +104,25 @@ def stage_timings(model, batch: int = 1, prompt_len: int = 43, warmup: int = 2, 
             out["vision_encoder"] = run(lambda: towers.vision_tower(pixels, output_hidden_states=True))
             out["projector"] = run(lambda: towers.multi_modal_projector(feats))
         prompt = model.encode(pixels, ids)
-        out["llm_prefill"] = run(lambda: llm(**_prefill_kwargs(prompt)))
+        out["llm_prefill"] = run(lambda: run_llm(model, prompt))
         out["encode"] = run(lambda: model.encode(pixels, ids))
-        out["prefill"] = run(lambda: llm(**_prefill_kwargs(model.encode(pixels, ids))))
+        out["prefill"] = run(lambda: prefill(model, ids, pixels))
     return out
 
 
-def _prefill_kwargs(prompt) -> dict:
-    return dict(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                position_ids=prompt.position_ids, logits_to_keep=1)
+def run_llm(model, prompt, use_cache: bool = False):
+    """The LLM prefill of a LlavaMini or LlavaBaseline on an ``LLMInput`` (last position's logits)."""
+    llm = model.llm if hasattr(model, "llm") else model.model
+    return llm(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+               position_ids=prompt.position_ids, logits_to_keep=1, use_cache=use_cache)
+
+
+@torch.no_grad()
+def prefill(model, ids, images=None, videos=None, backend: str | None = None, use_cache: bool = False):
+    """Encode + LLM prefill (the time to first token), both on ``backend``; returns the LLM output."""
+    media = {} if videos is None else {"videos": videos}
+    with model.backend_scope(backend):
+        return run_llm(model, model.encode(images, ids, **media), use_cache)
 
 
 @torch.no_grad()
