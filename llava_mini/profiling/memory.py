@@ -15,7 +15,9 @@ measurement can be compared term by term.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -300,6 +302,99 @@ def process_rss_bytes() -> int | None:
         return None
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux VmHWM) to its current RSS; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak RSS since the last reset (Linux VmHWM), or None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+@dataclass
+class PeakMemory:
+    """Peaks over a block (``with peak_memory() as peak``), absolute and above the block's start.
+
+    ``host_*``: process RSS (None where VmHWM cannot be reset); ``device_*``: CUDA memory allocated
+    by tensors (None off CUDA).
+    """
+
+    host_start: int | None = None
+    host_peak: int | None = None
+    device_start: int | None = None
+    device_peak: int | None = None
+
+    @property
+    def host_above_start(self) -> int | None:
+        return None if self.host_peak is None else self.host_peak - self.host_start
+
+    @property
+    def device_above_start(self) -> int | None:
+        return None if self.device_peak is None else self.device_peak - self.device_start
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "host_above_start": self.host_above_start,
+                "device_above_start": self.device_above_start}
+
+
+@contextlib.contextmanager
+def peak_memory(device=None):
+    """Measure the peak host RSS and peak CUDA allocation while the block runs.
+
+    Host: the kernel's high-water mark, reset at the start (exact, whatever thread allocates).
+    Device: ``torch.cuda.max_memory_allocated`` (when ``device`` is CUDA).
+    """
+    device = torch.device(device) if device is not None else None
+    cuda = device is not None and device.type == "cuda"
+    peak = PeakMemory()
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        peak.device_start = torch.cuda.memory_allocated(device)
+    if reset_peak_rss():
+        peak.host_start = process_rss_bytes()
+    yield peak
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak.device_peak = torch.cuda.max_memory_allocated(device)
+    if peak.host_start is not None:
+        peak.host_peak = peak_rss_bytes()
+
+
+def measure_video_memory(run: Callable[[int], object], frames, predict: Callable[[int], int], device=None) -> list[dict]:
+    """Run ``run(count)`` (a video of ``count`` frames through encode + prefill) for each count and
+    put the measured peaks beside ``predict(count)``, the predicted peak.
+
+    Each row: ``frames``, ``predicted_peak``, ``device_peak`` (CUDA, absolute), ``host_peak`` (RSS,
+    absolute) and ``host_above_start`` (RSS above the process's before the run: activations,
+    frames, caches).
+    """
+    rows = []
+    for count in frames:
+        _nonneg_int("frames", count, 1)
+        with peak_memory(device) as peak:
+            out = run(count)
+            del out
+        rows.append(dict(frames=count, predicted_peak=predict(count),
+                         device_peak=peak.device_peak, host_peak=peak.host_peak,
+                         host_above_start=peak.host_above_start))
+    return rows
+
+
 @dataclass
 class MemoryMeasurement:
     """Memory measured at several workload sizes and its least-squares slope per unit.
@@ -438,4 +533,5 @@ def format_bytes(n: float) -> str:
 
 __all__ = ["Plan", "MemoryMeasurement", "kv_bytes_per_token", "kv_bytes_per_image", "tokens_per_image",
            "weight_bytes", "llm_activation_bytes_per_token", "encode_chunk_peak_bytes", "plan", "cache_bytes",
-           "measure_slope", "max_frames_in_budget", "process_rss_bytes", "format_bytes", "GiB", "MiB", "KiB"]
+           "measure_slope", "max_frames_in_budget", "process_rss_bytes", "reset_peak_rss", "peak_rss_bytes",
+           "PeakMemory", "peak_memory", "measure_video_memory", "format_bytes", "GiB", "MiB", "KiB"]
