@@ -177,7 +177,7 @@ def test_plan_measure_reports_measured_memory_beside_the_prediction(capsys):
     for r in m["rows"]:
         assert r["predicted_peak"] >= d["weights"] and r["device_peak"] is None
         if r["host_peak"] is not None:
-            assert r["host_peak"] >= r["host_above_start"] > 0
+            assert r["host_peak"] >= r["host_above_start"] >= 0  # 0 when freed heap pages absorb the run
     assert "measured" not in d  # the budget search needs a GPU
     assert main(["plan", "--preset", "tiny", "--dtype", "fp32", "--measure", "--frames", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out

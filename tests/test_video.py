@@ -243,7 +243,7 @@ def test_pipeline_keeps_order_raises_producer_errors_and_stops_when_closed():
     assert next(stream) == 0
     stream.close()
     assert threading.active_count() == before
-    assert len(produced) <= 3  # the item in use, the one ahead, at most one in flight when closed
+    assert len(produced) <= 2  # the item in use and the one ahead: the producer waits for a free slot
 
 
 def test_frame_lists_and_pixel_tensors_stream_too(model):
@@ -332,3 +332,25 @@ def test_context_beyond_max_position_embeddings_is_refused_before_the_work():
     model.encode(videos=[frames[:4_093]], input_ids=[PROMPT])  # exactly 4,096 positions fit
     with pytest.raises(ValueError, match=r"context: 4,106 tokens \(a prompt of 4,096 \+ max_new_tokens 10\)"):
         model.generate(videos=[frames[:4_093]], input_ids=[PROMPT], max_new_tokens=10)
+
+
+@pytest.mark.gpu
+def test_device_memory_is_one_chunk_plus_tokens_per_frame():
+    """CUDA: the encode peak grows with the video only by what it keeps per frame (C^2 tokens, fused rows)."""
+    from llava_mini.profiling.memory import peak_memory
+
+    torch.manual_seed(0)
+    model = LlavaMini.from_preset("tiny", device="cuda")
+    model.savings = Savings(frame_budget_bytes=4 << 20)
+    chunk = model.frame_chunk()
+    frame = torch.rand(1, 3, 28, 28)
+    peaks = {}
+    for frames in (4 * chunk, 32 * chunk):
+        with peak_memory("cuda") as peak:
+            out = model.encode(videos=[frame.expand(frames, 3, 28, 28)], input_ids=[PROMPT])
+            del out
+        peaks[frames] = peak.device_above_start
+    d = model.config.text["hidden_size"]
+    kept_per_frame = model.config.tokens_per_image * d * 4  # fp32 tokens, then the LLM input built from them
+    growth = peaks[32 * chunk] - peaks[4 * chunk]
+    assert growth <= 28 * chunk * 4 * kept_per_frame + (2 << 20)  # a few copies of the tokens, not frames
