@@ -374,7 +374,12 @@ class LlavaMini(nn.Module):
         """
         if not isinstance(frames, VideoFrames):
             frames = self.prepare_video(frames)
-        compressed, total = [], 0
+        # what the loop keeps is allocated once, up front: nothing long-lived is interleaved with the
+        # chunks' transient activations, so the allocator reuses the same memory for every chunk
+        d = self.llm.config.hidden_size
+        compressed = torch.empty(frames.count, self.config.tokens_per_image, d, dtype=self.dtype, device=self.device)
+        total = torch.zeros(len(ids), d, dtype=torch.float32, device=self.device)
+        done = 0
         for chunk in self.frame_chunks(frames):
             vision, comp = self.embed_vision(chunk)
             rows = [ids] * chunk.shape[0]
@@ -383,9 +388,10 @@ class LlavaMini(nn.Module):
                 comp, text = self.fuse_text(self.prefusion.prefix(vision, comp, self.savings.prune_last_layer), rows)
             else:
                 comp, text = self.fuse_reference(vision, comp, rows)
-            compressed.append(comp)
-            total = total + text.float().sum(0)
-        return torch.cat(compressed).flatten(0, 1), (total / frames.count).to(self.dtype)
+            compressed[done:done + comp.shape[0]] = comp
+            done += comp.shape[0]
+            total += text.float().sum(0)
+        return compressed.flatten(0, 1), (total / frames.count).to(self.dtype)
 
     # --- generate ------------------------------------------------------------------------------------
     @torch.no_grad()
