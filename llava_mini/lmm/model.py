@@ -185,8 +185,9 @@ class LlavaMini(nn.Module):
         ``savings.pipeline_frames`` the next chunk decodes on a background thread meanwhile."""
         size = self.frame_chunk() if self.savings.batch_frames else 1
         chunks = frames.chunks(size, pipeline=self.savings.pipeline_frames, pin_memory=self.device.type == "cuda")
-        # map keeps no reference to a chunk it has handed on: the caller alone decides when it is freed
-        return map(lambda chunk: chunk.to(self.device, self.dtype, non_blocking=True), chunks)
+        # map keeps no reference to a chunk it has handed on: the caller alone decides when it is freed.
+        # contiguous: a slice of expanded or permuted pixels would send CLIP's convolution down a slow path
+        return map(lambda chunk: chunk.to(self.device, self.dtype, non_blocking=True).contiguous(), chunks)
 
     @torch.no_grad()
     def prefix(self, images=None, video=None, fps: float = 1.0, max_frames: int | None = None,
