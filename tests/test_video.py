@@ -69,6 +69,15 @@ def test_decoded_frames_are_the_selected_ones_in_order(tmp_path):
     assert frames[0].shape == (32, 32, 3) and frames[0].dtype == np.uint8
 
 
+def test_b_frames_are_selected_in_presentation_order(tmp_path):
+    av = pytest.importorskip("av")
+    path = clip(tmp_path, frames=60, fps=10, options={"qmax": "2", "bf": "2"})
+    with av.open(str(path)) as container:
+        pts = [p.pts for p in container.demux(video=0) if p.size]
+    assert pts != sorted(pts)  # stored in decoding order
+    assert [V.synthetic_index(f) for f in V.decode_video(path, fps=10.0)] == V.select_frames(60, 10.0, fps=10.0)
+
+
 def test_variable_frame_rate_selects_by_index_at_the_average_rate(tmp_path):
     times = [0.02 * i for i in range(30)] + [0.6 + 0.08 * i for i in range(30)]  # 50 fps, then 12.5 fps
     path = clip(tmp_path, frames=60, fps=25, timestamps=times)
