@@ -35,14 +35,6 @@ def test_llava_15_7b_config_matches_the_hub_layout():
     assert model.model.config.image_seq_length == 576
 
 
-def test_generate_with_and_without_cache(baseline):
-    images = [torch.rand(3, 28, 28), torch.rand(3, 30, 28)]
-    ids = [[1, IMG, 5], [1, 6, IMG, 7, 8, 9]]
-    a = baseline.generate(images, ids, max_new_tokens=5, stop_token_ids=[])
-    b = baseline.generate(images, ids, max_new_tokens=5, stop_token_ids=[], use_cache=False)
-    assert a.shape == (2, 5) and torch.equal(a, b)
-
-
 def test_backend_switch_reaches_both_towers_and_is_restored(baseline):
     seen = []
     vision_impl = baseline.model.model.vision_tower.config._attn_implementation
@@ -58,11 +50,3 @@ def test_backend_switch_reaches_both_towers_and_is_restored(baseline):
     assert seen == [("vision", "sdpa"), ("vision", "sdpa"), "sdpa"]  # encode, then generate (encode + prefill)
     assert baseline.model.model.vision_tower.config._attn_implementation == vision_impl
     assert baseline.model.config.text_config._attn_implementation == "eager"
-
-
-def test_static_cache_decoding_equals_the_dynamic_cache(baseline):
-    images = [torch.rand(3, 28, 28), torch.rand(3, 30, 28)]
-    ids = [[1, IMG, 5], [1, 6, IMG, 7, 8, 9]]
-    want = baseline.generate(images, ids, max_new_tokens=5, stop_token_ids=[], backend="sdpa")
-    assert torch.equal(baseline.generate(images, ids, max_new_tokens=5, stop_token_ids=[], backend="sdpa",
-                                         static_cache=True), want)

@@ -33,7 +33,7 @@ def saved(tmp_path_factory):
 
 def run(model):
     torch.manual_seed(7)
-    return model.generate([torch.rand(3, 28, 28)], [[1, 4, IMG, 9]], max_new_tokens=5, stop_token_ids=[]), \
+    return model.generate([torch.rand(3, 28, 28)], [[1, 4, IMG, 9]], max_new_tokens=5, eos_token_id=None), \
         model.encode([torch.rand(3, 28, 28)], [[1, 4, IMG, 9]]).inputs_embeds
 
 

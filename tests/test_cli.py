@@ -43,12 +43,41 @@ def test_profile_writes_a_trace(tmp_path, capsys):
     assert json.loads(trace.read_text())["traceEvents"]
 
 
-def test_generate_on_an_image_file(tmp_path, capsys):
+def image_file(tmp_path):
     from PIL import Image
 
-    Image.fromarray((torch.rand(30, 30, 3) * 255).byte().numpy()).save(tmp_path / "x.png")
-    assert main(["generate", "--image", str(tmp_path / "x.png"), "--max-new-tokens", "3", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.strip().startswith("[")
+    pixels = torch.rand(30, 30, 3, generator=torch.Generator().manual_seed(2))
+    Image.fromarray((pixels * 255).byte().numpy()).save(tmp_path / "x.png")
+    return str(tmp_path / "x.png")
+
+
+def test_generate_streams_token_ids_without_a_tokenizer(tmp_path, capsys):
+    from llava_mini.cli import TokenStreamer
+
+    streamer = TokenStreamer()
+    streamer.put(torch.tensor([7]))
+    assert capsys.readouterr().out == "7 "  # printed at once, not at the end
+    assert main(["generate", "--image", image_file(tmp_path), "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert 1 <= len(printed) <= 3 and all(t.isdigit() for t in printed)
+
+
+def test_generate_streams_the_checkpoints_text_and_decodes_beams(tmp_path, capsys, tiny_tokenizer):
+    from llava_mini.lmm import IMAGE_TOKEN_INDEX, LlavaMini
+
+    torch.manual_seed(0)
+    model = LlavaMini.from_preset("tiny")
+    model.tokenizer = tiny_tokenizer(model.config.text["vocab_size"])
+    model.save_pretrained(tmp_path / "ckpt")
+    image = image_file(tmp_path)
+    run = ["generate", "--image", image, "--checkpoint", str(tmp_path / "ckpt"), "--max-new-tokens", "6",
+           "--device", "cpu"]
+    answers = []
+    for extra, options in (([], {}), (["--num-beams", "4"], {"num_beams": 4})):
+        assert main(run + extra) == 0
+        answers.append(model.generate([image], [[1, IMAGE_TOKEN_INDEX, 3, 4, 5]], max_new_tokens=6, **options))
+        assert capsys.readouterr().out.strip() == model.decode(answers[-1])[0]
+    assert not torch.equal(*answers)  # so the beams did reach generate
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

@@ -154,13 +154,6 @@ def test_prompt_without_placeholder_and_mismatched_counts(model):
         model.encode([torch.rand(3, 28, 28)], prompts="hello")
 
 
-def test_bad_generation_arguments(model):
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        model.generate([torch.rand(3, 28, 28)], [[1, IMG]], max_new_tokens=0)
-    with pytest.raises(ValueError, match="top_p"):
-        model.generate([torch.rand(3, 28, 28)], [[1, IMG]], do_sample=True, top_p=1.5)
-
-
 def test_bad_config_values():
     with pytest.raises(ValueError, match="compressor_size"):
         LlavaMiniConfig.from_preset("tiny", compressor_size=0)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import GenerationConfig
 
 from llava_mini.lmm.config import CLIP_VIT_L_336, LlavaMiniConfig
 
@@ -121,6 +122,7 @@ def save_pretrained(model, path, max_shard_bytes: int = 2 << 30) -> None:
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (path / "config.json").write_text(json.dumps(config_to_json(model.config, model.dtype), indent=2))
+    model.llm.generation_config.save_pretrained(str(path))  # generate's defaults
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(path))
 
@@ -179,6 +181,8 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
         warnings.warn(f"checkpoint {str(path)!r}: unexpected keys ignored: {', '.join(unexpected)}")
     model.load_state_dict(loaded, strict=False)
     model.load_report = {"missing": missing, "unexpected": unexpected, "misshapen": misshapen}
+    if (path / "generation_config.json").is_file():  # generate's defaults, as released
+        model.llm.generation_config = GenerationConfig.from_pretrained(str(path))
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         from transformers import AutoTokenizer
 

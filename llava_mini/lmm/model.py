@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import CLIPVisionModel, LlamaForCausalLM
+from transformers import CLIPVisionModel, GenerationConfig, LlamaForCausalLM
 
 from llava_mini.kernels import backend as backends
 from llava_mini.lmm import processing
@@ -333,30 +333,31 @@ class LlavaMini(nn.Module):
     # --- generate ------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, images=None, input_ids=None, *, prompts=None, videos=None, prefix: Prefix | None = None,
-                 attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, stop_token_ids=None, use_cache: bool = True,
-                 static_cache: bool = False, cuda_graph: bool = False,
-                 generator: torch.Generator | None = None, fps: float = 1.0, max_frames: int | None = 1000,
-                 backend: str | None = None) -> torch.Tensor:
-        """Generate new tokens [B, n] (greedy, or sampling with temperature / top-k / top-p).
+                 attention_mask=None, generation_config: GenerationConfig | None = None, fps: float = 1.0,
+                 max_frames: int | None = 1000, backend: str | None = None, **generate_kwargs):
+        """Encode the inputs, then decode with transformers' ``generate`` from the fused embeddings.
 
-        Inputs as for ``encode``. Stops at ``stop_token_ids`` (default: the config's eos ids);
-        finished rows are padded with the pad id. ``decode`` turns the ids into text. Decode steps
-        use transformers' DynamicCache; ``static_cache`` a fixed-address cache, and ``cuda_graph``
-        (CUDA only) replays each step as one captured CUDA graph.
+        Inputs as for ``encode`` (``attention_mask`` is that of ``input_ids``). Decoding options
+        are transformers' (``generation_config`` and keyword arguments such as ``max_new_tokens``,
+        ``do_sample``, ``temperature``, ``top_p``, ``num_beams``, ``repetition_penalty``,
+        ``eos_token_id`` (None: never stop), ``use_cache``, ``cache_implementation="static"``,
+        ``streamer``, ``stopping_criteria``, ``stop_strings``); unset ones come from
+        ``self.llm.generation_config`` (a checkpoint's ``generation_config.json``, else the LLM
+        config's special tokens and transformers' defaults: greedy, 20 new tokens). ``stop_strings``
+        use ``self.tokenizer`` unless ``tokenizer=`` is given. Sampling draws from torch's global
+        generator: seed it with ``torch.manual_seed`` for reproducible samples. As in the released
+        code, the prompt is embeddings, so ``repetition_penalty`` sees only the new tokens.
+
+        Returns the new tokens only, [B, n] (the prompt went in as embeddings; ``decode`` gives
+        text); finished rows are padded with the pad id. ``return_dict_in_generate=True`` gives
+        transformers' output object instead.
         """
+        if self.tokenizer is not None:
+            generate_kwargs.setdefault("tokenizer", self.tokenizer)
         with self.backend_scope(backend) as name:
             prompt = self.encode(images, input_ids, prompts=prompts, videos=videos, prefix=prefix,
                                  attention_mask=attention_mask, fps=fps, max_frames=max_frames, backend=name)
-            return generate(self.llm, prompt, max_new_tokens, do_sample, temperature, top_k, top_p,
-                            self.stop_ids(stop_token_ids), self.llm.config.pad_token_id or 0, use_cache, generator,
-                            static_cache=static_cache, cuda_graph=cuda_graph)
-
-    def stop_ids(self, stop_token_ids) -> list[int]:
-        if stop_token_ids is not None:
-            return list(stop_token_ids)
-        eos = self.llm.config.eos_token_id
-        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+            return generate(self.llm, prompt, generation_config, **generate_kwargs)
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Token ids [B, n] -> text (needs a tokenizer)."""

@@ -127,21 +127,22 @@ def prefill(model, ids, images=None, videos=None, backend: str | None = None, us
 
 @torch.no_grad()
 def decode_rate(model, batch: int = 1, prompt_len: int = 43, new_tokens: int = 32, warmup: int = 1,
-                repeats: int = 3, backend: str | None = None, cuda_graph: bool = False) -> dict:
+                repeats: int = 3, backend: str | None = None, cache_implementation: str | None = None) -> dict:
     """Decode throughput with the KV cache: tokens per second per sequence and for the batch.
 
     The time of a ``new_tokens`` generation minus that of a 2-token one, over ``new_tokens - 2``:
-    the decode steps alone (prefill and the first step, which captures the graph with
-    ``cuda_graph``, cancel). ``ttft_ms`` is a 1-token generation: encode + prefill.
+    the decode steps alone (prefill and the first step cancel). ``cache_implementation`` is
+    transformers' ("static": a fixed-address cache; on CUDA transformers then compiles the step).
+    ``ttft_ms`` is a 1-token generation: encode + prefill.
     """
     if new_tokens < 3:
         raise ValueError(f"new_tokens: expected >= 3, got {new_tokens}")
     pixels, ids = random_inputs(model, batch, prompt_len)
-    gen = lambda n: model.generate(pixels, ids, max_new_tokens=n, stop_token_ids=[], backend=backend,  # noqa: E731
-                                   cuda_graph=cuda_graph)
+    gen = lambda n: model.generate(pixels, ids, max_new_tokens=n, eos_token_id=None, backend=backend,  # noqa: E731
+                                   cache_implementation=cache_implementation)
     first = measure(lambda: gen(1), model.device, warmup, repeats)
     base = measure(lambda: gen(2), model.device, warmup, repeats)
     full = measure(lambda: gen(new_tokens), model.device, warmup, repeats)
     step_ms = max(full.median_ms - base.median_ms, 1e-9) / (new_tokens - 2)
     return {"ttft_ms": first.median_ms, "ms_per_token": step_ms, "tokens_per_s": 1e3 / step_ms,
-            "batch_tokens_per_s": batch * 1e3 / step_ms, "clock": full.clock, "cuda_graph": cuda_graph}
+            "batch_tokens_per_s": batch * 1e3 / step_ms, "clock": full.clock, "cache_implementation": cache_implementation}
