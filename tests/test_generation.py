@@ -239,5 +239,8 @@ def test_bad_generation_arguments_are_clear_errors(mini):
         mini.generate(images(1), [PROMPTS[0]], max_new_tokens=2, do_sample=True, temperature=0.0)
     with pytest.raises(TypeError, match="generation_config"):
         mini.generate(images(1), [PROMPTS[0]], generation_config=dict(max_new_tokens=2))
+    for top_p in (1.5, 0.0):
+        with pytest.raises(ValueError, match="top_p"):
+            mini.generate(images(1), [PROMPTS[0]], max_new_tokens=2, do_sample=True, top_p=top_p)
     with pytest.raises(ValueError, match="not used by the model"):
         mini.generate(images(1), [PROMPTS[0]], max_new_tokens=2, not_an_option=1)

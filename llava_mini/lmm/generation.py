@@ -63,5 +63,9 @@ def generate(llm: nn.Module, prompt: LLMInput, generation_config: GenerationConf
         raise TypeError(f"prompt: expected an LLMInput, got {type(prompt).__name__}")
     if generation_config is not None and not isinstance(generation_config, GenerationConfig):
         raise TypeError(f"generation_config: expected a transformers GenerationConfig, got {type(generation_config).__name__}")
+    # transformers skips top-p filtering for top_p >= 1 instead of refusing values above 1.
+    top_p = kwargs.get("top_p", getattr(generation_config, "top_p", None))
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected a value in (0, 1], got {top_p}")
     return llm.generate(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
                         generation_config=generation_config, **kwargs)
