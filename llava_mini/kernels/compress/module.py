@@ -298,7 +298,8 @@ def _probe(module: nn.Module, fused: FusedResampler) -> None:
     if not isinstance(expected, torch.Tensor) or expected.shape != reference.shape:
         raise ValueError(f"module: its forward returned {getattr(expected, 'shape', type(expected).__name__)}, the "
                          f"{fused.variant} resampler gives {list(reference.shape)}; not reproduced")
-    difference = ((expected.double() - reference.double()).abs().max() / reference.double().abs().max()).item()
+    scale = reference.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    difference = ((expected.double() - reference.double()).abs().max() / scale).item()
     tolerance = PROBE_TOLERANCE[dtype]
     if not difference <= tolerance:
         raise ValueError(f"module: it computes something else than the {fused.variant} resampler (relative difference "
