@@ -2,8 +2,8 @@
 
 tests/data/resamplers/*.pt hold outputs of the real resampler code of Qwen-VL, OmniLMM and
 MiniCPM-V 2.0 / 2.5 / 2.6 (float64, tiny widths; see the README there). Their code is not in this
-repository, so each test builds a stand-in written here on nn.MultiheadAttention with the same
-attribute names and forward signature, loads the fixture's weights into it, converts it with
+repository, so each test builds its plain-PyTorch equivalent (``compress.released``: the same
+attribute names and forward signature), loads the fixture's weights into it, converts it with
 ``FusedResampler.from_module`` and compares the result with the real module's output: the reference
 path in fp64 (< 1e-9 relative) and the Triton kernel (interpreter) in fp32 (< 1e-4), both forms.
 """
@@ -13,91 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from llava_mini.kernels.compress import FusedResampler, compress_ref, compress_triton, sincos_grid, sincos_pos_embed_2d
+from llava_mini.kernels.compress import FusedResampler, compress_ref, compress_triton, key_pos_embed
 from llava_mini.kernels.compress import triton as fused_triton
+from llava_mini.kernels.compress.released import MiniCPMV20Resampler, MiniCPMV26Resampler, QwenVLResampler
 
 DATA = Path(__file__).parent / "data" / "resamplers"
 FIXTURES = ["qwen_vl", "omnilmm", "minicpmv20_adaptive_true", "minicpmv20_adaptive_false", "minicpmv25", "minicpmv26"]
 
 
-def resized(table, height, width):
-    """The square table bicubically resized (in float32) to height x width, as the sources do."""
-    side = math.isqrt(table.shape[0])
-    grid = table.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    out = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
-    return out.permute(0, 2, 3, 1).reshape(height * width, -1).to(table.dtype)
-
-
-class StandIn(nn.Module):
-    """The parts every released resampler has, under their names; sequence-first attention."""
-
-    def __init__(self, num_queries, embed_dim, num_heads, kv_dim, ln_post):
-        super().__init__()
-        self.query = nn.Parameter(torch.zeros(num_queries, embed_dim))
-        self.kv_proj = nn.Linear(kv_dim, embed_dim, bias=False)
-        self.attn = nn.MultiheadAttention(embed_dim, num_heads)
-        self.ln_q = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.ln_kv = nn.LayerNorm(embed_dim, eps=1e-6)
-        if ln_post:
-            self.ln_post = nn.LayerNorm(embed_dim, eps=1e-6)
-            self.proj = nn.Parameter(torch.zeros(embed_dim, embed_dim))
-
-    def attend(self, x, key_pos, query_pos=None, **mask):
-        kv = self.ln_kv(self.kv_proj(x)).transpose(0, 1)  # [N, B, D]
-        q = self.ln_q(self.query) if query_pos is None else self.ln_q(self.query) + query_pos
-        out = self.attn(q[:, None].expand(-1, x.shape[0], -1), kv + key_pos, kv, **mask)[0].transpose(0, 1)
-        return self.ln_post(out) @ self.proj if hasattr(self, "proj") else out
-
-
-class QwenVL(StandIn):
-    """Qwen-VL's Resampler (OmniLMM's with ln_post and proj): forward(x, attn_mask=None)."""
-
-    def __init__(self, grid_size, embed_dim, num_heads, kv_dim, ln_post, **_):
-        super().__init__(grid_size ** 2, embed_dim, num_heads, kv_dim, ln_post)
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim, grid_size), requires_grad=False)
-
-    def forward(self, x, attn_mask=None):
-        side = math.isqrt(x.shape[1])
-        return self.attend(x, resized(self.pos_embed, side, side)[:, None], self.pos_embed, attn_mask=attn_mask)
-
-
-class MiniCPMV20(QwenVL):
-    """MiniCPM-V 2.0's: forward(x, tgt_size, attn_mask=None); sin-cos keys at (h, w) when adaptive."""
-
-    def __init__(self, adaptive, **config):
-        super().__init__(**config)
-        self.adaptive = adaptive
-
-    def forward(self, x, tgt_size=None, attn_mask=None):
-        height, width = tgt_size
-        if self.adaptive:
-            key_pos = sincos_grid(self.query.shape[1], height, width).to(x.dtype)
-        else:
-            key_pos = resized(self.pos_embed, height, width)
-        return self.attend(x, key_pos[:, None], self.pos_embed, attn_mask=attn_mask)
-
-
-class MiniCPMV26(StandIn):
-    """MiniCPM-V 2.5's / 2.6's: forward(x, tgt_sizes); no query position; padding masked."""
-
-    def __init__(self, num_queries, embed_dim, num_heads, kv_dim, ln_post, max_size, **_):
-        super().__init__(num_queries, embed_dim, num_heads, kv_dim, ln_post)
-        self.register_buffer("pos_embed", sincos_grid(embed_dim, *max_size).view(*max_size, embed_dim), persistent=False)
-
-    def forward(self, x, tgt_sizes=None):
-        key_pos = torch.zeros(x.shape[1], x.shape[0], self.query.shape[1], dtype=x.dtype)
-        lengths = []
-        for b, (height, width) in enumerate(tgt_sizes.tolist()):
-            key_pos[:height * width, b] = sincos_grid(self.query.shape[1], height, width).to(x.dtype)
-            lengths.append(height * width)
-        padding = torch.arange(x.shape[1])[None, :] >= torch.tensor(lengths)[:, None]
-        return self.attend(x, key_pos, key_padding_mask=padding)
-
-
-STAND_INS = {"qwen_vl": QwenVL, "omnilmm": QwenVL, "minicpmv20": MiniCPMV20, "minicpmv26": MiniCPMV26}
+STAND_INS = {"qwen_vl": QwenVLResampler, "omnilmm": QwenVLResampler, "minicpmv20": MiniCPMV20Resampler,
+             "minicpmv26": MiniCPMV26Resampler}
 
 
 def load(name):
@@ -200,7 +127,7 @@ def test_an_image_with_no_key_gives_nan_as_multihead_attention_does(device):
     x = record["calls"][1]["args"]["x"]
     mask = torch.tensor([[True] * 4, [False, True, False, True]])
     with torch.no_grad():
-        expected = module.attend(x, resized(module.pos_embed, 2, 2)[:, None], module.pos_embed, key_padding_mask=mask)
+        expected = module.attend(x, module.pos_embed[:, None], module.pos_embed, key_padding_mask=mask)
         out = fused(x.float(), key_padding_mask=mask)
     assert expected[0].isnan().all() and out[0].isnan().all()
     assert relative_error(out[1:], expected[1:]) < 1e-4
@@ -208,16 +135,17 @@ def test_an_image_with_no_key_gives_nan_as_multihead_attention_does(device):
 
 # --- refused at conversion, with a message naming what is missing or different ---------------
 
-class UnknownForward(QwenVL):
+class UnknownForward(QwenVLResampler):
     def forward(self, x, tgt_sizes, attention_mask=None):
         return super().forward(x)
 
 
-class ResizesInsteadOfSinCos(MiniCPMV20):
+class ResizesInsteadOfSinCos(MiniCPMV20Resampler):
     """Looks like MiniCPM-V 2.0 with adaptive=True but resizes the query table for the keys."""
 
     def forward(self, x, tgt_size=None, attn_mask=None):
-        return self.attend(x, resized(self.pos_embed, *tgt_size)[:, None], self.pos_embed, attn_mask=attn_mask)
+        return self.attend(x, key_pos_embed(self.pos_embed, tuple(tgt_size))[:, None], self.pos_embed,
+                           attn_mask=attn_mask)
 
 
 class ScaledAttention(nn.MultiheadAttention):
@@ -251,7 +179,7 @@ def qwen_module(**changes):
     (lambda: qwen_module(attn=nn.MultiheadAttention(32, 4, dropout=0.1).double()), ValueError, "dropout=0.1"),
     (lambda: qwen_module(pos_embed=nn.Parameter(torch.zeros(9, 32, dtype=torch.float64))), ValueError,
      r"module.pos_embed: expected the \[4, 32\] query position table"),
-    (lambda: MiniCPMV20(adaptive=None, grid_size=2, embed_dim=32, num_heads=4, kv_dim=24, ln_post=True), TypeError,
+    (lambda: MiniCPMV20Resampler(adaptive=None, grid_size=2, embed_dim=32, num_heads=4, kv_dim=24, ln_post=True), TypeError,
      "module.adaptive: expected MiniCPM-V 2.0's bool"),
     (lambda: qwen_module().to("meta"), ValueError, "meta device"),
 ])
