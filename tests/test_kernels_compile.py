@@ -47,9 +47,11 @@ compile_all(prefusion._prefusion_attention_kernel,
                  DOT_PRECISION="tf32"),
             scalars_fp32=("qk_scale",))
 compile_all(compress._absorbed_kernel,
-            {"x_ptr": "*bf16", "queries_ptr": "*bf16", "key_bias_ptr": "*fp32", "y_ptr": "*bf16",
-             "max_ptr": "*fp32", "sum_ptr": "*fp32"},
-            dict(BLOCK_D=1024, BLOCK_HQ=16, DOT_PRECISION="tf32"),
+            {"x_ptr": "*bf16", "queries_ptr": "*bf16", "key_table_ptr": "*fp32", "key_grid_ptr": "*fp32",
+             "starts_ptr": "*i64", "lengths_ptr": "*i32", "widths_ptr": "*i32", "mask_ptr": "*u8",
+             "y_ptr": "*bf16", "max_ptr": "*fp32", "sum_ptr": "*fp32"},
+            dict(BLOCK_D=1024, BLOCK_HQ=16, VARLEN=True, KEY_TABLE=True, KEY_GRID=True, HAS_MASK=True,
+                 DOT_PRECISION="tf32"),
             scalars_fp32=("eps",))
 """
 
