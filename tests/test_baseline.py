@@ -23,7 +23,7 @@ def test_encode_equals_transformers_own_forward(baseline):
     assert prompt.inputs_embeds.shape[1] == len(ids) - 1 + baseline.config.num_patches
     ours = baseline.model(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask).logits
     expanded = torch.tensor([baseline.expand_ids(ids, 0)])
-    theirs = baseline.model(input_ids=expanded, pixel_values=preprocess_images([image], 28)).logits
+    theirs = baseline.model(input_ids=expanded, pixel_values=preprocess_images([image], baseline.image_processor)).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 

@@ -198,3 +198,58 @@ def test_triton_backend_equals_the_reference_path(savings):
     video = model.encode(videos=[imgs], input_ids=[PROMPTS[0]], backend="triton").inputs_embeds
     torch.testing.assert_close(video, model.encode(videos=[imgs], input_ids=[PROMPTS[0]]).inputs_embeds,
                                atol=ATOL, rtol=0)
+
+
+# --- released semantics: id-0 rows, max length, HD video (issue: parity) ---------------------------
+ALL_SAVINGS = [dict(prefix_split=p, prune_last_layer=q) for p in (False, True) for q in (False, True)]
+
+
+def llm_position(ids, i, vision_tokens):
+    """Where prompt token i lands in the (unpadded) LLM input: after <image>, shifted by its tokens."""
+    p = ids.index(IMG)
+    return i if i < p else i - 1 + vision_tokens
+
+
+@pytest.mark.parametrize("savings", ALL_SAVINGS)
+def test_rows_with_id_0_get_their_plain_embedding_back_on_every_path(savings):
+    """Id 0 is masked in pre-fusion and its row is the plain embedding afterwards (images, batches, video)."""
+    model = model_of(**savings)
+    table = model.llm.get_input_embeddings().weight
+    prompts = [[1, 0, IMG, 7, 0, 8], [1, IMG, 9, 0, 10, 11, 12]]
+    out = model.encode(images(2), prompts)
+    video = model.encode(videos=[images(3)], input_ids=[prompts[0]])
+    for row, ids, count in [(out.inputs_embeds[0, -6:], prompts[0], 1), (out.inputs_embeds[1], prompts[1], 1),
+                            (video.inputs_embeds[0], prompts[0], 3)]:
+        for i, token in enumerate(ids):
+            if token == 0:  # the average of plain rows over video frames is the plain row
+                torch.testing.assert_close(row[llm_position(ids, i, count)], table[0], atol=0, rtol=0)
+            elif token != IMG:  # every other text row is fused
+                assert not torch.allclose(row[llm_position(ids, i, count)], table[token], atol=1e-3)
+
+
+def test_tokenizer_model_max_length_cuts_the_llm_input_and_warns():
+    model = model_of()
+    full = model.encode(images(2), PROMPTS)
+    model.config.tokenizer_model_max_length = 6
+    with pytest.warns(UserWarning, match=r"tokenizer_model_max_length: the LLM input \(8 positions\) is cut"):
+        cut = model.encode(images(2), PROMPTS)
+    assert cut.attention_mask.sum(-1).tolist() == [5, 6]  # only the longer prompt is cut
+    torch.testing.assert_close(cut.inputs_embeds[1], full.inputs_embeds[1, :6], atol=0, rtol=0)
+    torch.testing.assert_close(cut.inputs_embeds[0, 1:], full.inputs_embeds[0, 3:], atol=0, rtol=0)
+
+
+def test_hd_video_runs_each_frame_as_blocks_plus_the_whole():
+    frames = images(3, size=40)
+    loop = model_of("tiny-hd", **reference_savings()).encode(videos=[frames], input_ids=[PROMPTS[0]])
+    assert loop.inputs_embeds.shape == (1, 4 + 3 * 4, 64)  # L - 1 + T * C^2 with C = 2
+    model = model_of("tiny-hd")
+    pixels = model.prepare_video(frames)
+    assert pixels.shape == (3, 5, 3, 28, 28)
+    batched = model.encode(videos=[frames], input_ids=[PROMPTS[0]])
+    torch.testing.assert_close(batched.inputs_embeds, loop.inputs_embeds, atol=ATOL, rtol=0)
+    ready = model.encode(videos=[pixels], input_ids=[PROMPTS[0]])  # ready pixel values are taken as they are
+    torch.testing.assert_close(ready.inputs_embeds, batched.inputs_embeds, atol=0, rtol=0)
+    chunked = model_of("tiny-hd", frame_budget_bytes=1).encode(videos=[frames], input_ids=[PROMPTS[0]])
+    torch.testing.assert_close(chunked.inputs_embeds, loop.inputs_embeds, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"video: expected pixel values \[B > 0, 5, 3, 28, 28\]"):
+        model.encode(videos=[pixels[:, 0]], input_ids=[PROMPTS[0]])

@@ -43,6 +43,7 @@ class LlavaBaseline(nn.Module):
         )
         hf_config._attn_implementation = "eager"
         self.model = LlavaForConditionalGeneration(hf_config)
+        self.image_processor = processing.clip_image_processor(config.crop_size)
 
     @classmethod
     def from_preset(cls, name: str, dtype: torch.dtype | None = None, device=None) -> "LlavaBaseline":
@@ -94,7 +95,8 @@ class LlavaBaseline(nn.Module):
     def encode(self, images=None, input_ids=None, *, attention_mask=None, backend: str | None = None) -> LLMInput:
         """What the LLM receives: the prompt with 576 projected CLIP tokens at ``<image>``, left-padded."""
         ids = processing.as_id_lists(input_ids, attention_mask)
-        pixels = processing.preprocess_images(images, self.config.crop_size) if not (
+        pixels = processing.preprocess_images(images, self.image_processor,
+                                              pad=self.config.image_aspect_ratio == "pad") if not (
             isinstance(images, torch.Tensor) and images.dim() == 4) else images
         if len(ids) == 1 and pixels.shape[0] > 1:
             ids = ids * pixels.shape[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,8 @@ class LlavaMini(nn.Module):
         self.savings = savings or Savings()
         self._backend: str | None = None
         self.tokenizer = None
+        # The CLIP image processor; a checkpoint's preprocessor_config.json replaces it on loading.
+        self.image_processor = processing.clip_image_processor(config.crop_size)
         text_config = config.text_config()
         text_config._attn_implementation = "eager"
         self.vision_tower = CLIPVisionModel(config.vision_config())
@@ -92,11 +95,13 @@ class LlavaMini(nn.Module):
 
         return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict)
 
-    def save_pretrained(self, path, max_shard_bytes: int = 2 << 30) -> None:
-        """Write the released layout: config.json, safetensors shards and their index (and the tokenizer)."""
+    def save_pretrained(self, path, max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None) -> None:
+        """Write the released layout: config.json, safetensors shards and their index, the image
+        processor's preprocessor_config.json (and the tokenizer). ``dtype`` stores the weights in
+        another dtype than the model's (e.g. bfloat16)."""
         from llava_mini.lmm.checkpoint import save_pretrained
 
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     @property
     def device(self) -> torch.device:
@@ -147,40 +152,41 @@ class LlavaMini(nn.Module):
         b = feats.shape[0]
         return feats[:, :r * r].reshape(b, r, r, g, g, -1).transpose(2, 3).reshape(b, r * g * r * g, -1)
 
-    def check_pixels(self, pixels) -> None:
+    def check_pixels(self, pixels, argument: str = "images") -> None:
+        """Pixel values must be [B, 3, S, S], or [B, r*r + 1, 3, S, S] for an HD model (B > 0)."""
         s, r = self.config.crop_size, self.config.resolution_ratio
         want = [3, s, s] if r == 1 else [r * r + 1, 3, s, s]
-        if not isinstance(pixels, torch.Tensor) or list(pixels.shape[1:]) != want or pixels.dim() != len(want) + 1:
+        if (not isinstance(pixels, torch.Tensor) or list(pixels.shape[1:]) != want or pixels.dim() != len(want) + 1
+                or pixels.shape[0] == 0):
             got = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-            raise ValueError(f"images: expected pixel values [B, {', '.join(map(str, want))}], got {got}")
+            raise ValueError(f"{argument}: expected pixel values [B > 0, {', '.join(map(str, want))}], got {got}")
 
     def prepare_images(self, images) -> torch.Tensor:
         """A list of images (PIL, numpy, tensors [3, H, W], paths) -> pixel values on device.
 
+        Preprocessed as released: padded to a square when ``config.image_aspect_ratio`` is "pad",
+        HD models split into r x r blocks plus the whole image, then ``self.image_processor``.
         A batched tensor ([B, 3, S, S], HD [B, r*r+1, 3, S, S]) is taken as ready pixel values.
         """
         if isinstance(images, torch.Tensor) and images.dim() >= 4:
             pixels = images
         else:
-            pixels = processing.preprocess_images(images, self.config.crop_size, self.config.resolution_ratio)
+            pixels = processing.preprocess_images(images, self.image_processor, self.config.resolution_ratio,
+                                                  pad=self.config.image_aspect_ratio == "pad")
         self.check_pixels(pixels)
         return pixels.to(self.device, self.dtype)
 
     def prepare_video(self, video, fps: float = 1.0, max_frames: int | None = 1000) -> torch.Tensor:
-        """A video file or a list of frames -> frame pixel values [T, 3, S, S] (kept where they are).
+        """A video file or a list of frames -> frame pixel values [T, 3, S, S] (HD: [T, r*r+1, 3, S, S]),
+        kept where they are.
 
-        A 4-D tensor is taken as ready (preprocessed) pixel values. Frames move to the device one
+        A tensor is taken as ready (preprocessed) pixel values. Frames move to the device one
         chunk at a time, so a long video never sits there whole.
         """
-        if self.config.resolution_ratio != 1:
-            raise ValueError("video: the HD model (resolution_ratio > 1) takes images, not videos")
         if isinstance(video, torch.Tensor):
-            s = self.config.crop_size
-            if video.dim() != 4 or list(video.shape[1:]) != [3, s, s] or video.shape[0] == 0:
-                raise ValueError(f"video: a tensor must hold ready pixel values [T > 0, 3, {s}, {s}], "
-                                 f"got {list(video.shape)}; pass raw frames as a list")
+            self.check_pixels(video, "video")
             return video
-        return processing.preprocess_video(video, self.config.crop_size, fps, max_frames)
+        return processing.preprocess_video(video, self.image_processor, fps, max_frames, self.config.resolution_ratio)
 
     def frame_chunks(self, frames: torch.Tensor):
         """Consecutive chunks of frames on the device: ``frame_chunk()`` at a time, or one by one
@@ -214,11 +220,13 @@ class LlavaMini(nn.Module):
         """Frames per batched launch: the activation budget over a per-frame estimate."""
         t, v = self.config.text, self.config.vision
         itemsize = torch.finfo(self.dtype).bits // 8
-        rows = self.config.num_patches + self.config.tokens_per_image
+        r = self.config.resolution_ratio
+        crops = 1 if r == 1 else r * r + 1  # CLIP inputs per frame
+        rows = crops * self.config.num_patches + self.config.tokens_per_image
         kv = 2 * max(self.config.prefusion_layers, 1) * t["num_key_value_heads"] * (t["hidden_size"] // t["num_attention_heads"])
         prefusion = rows * (kv + 4 * t["hidden_size"] + 2 * t["intermediate_size"])
-        clip = (self.config.num_patches + 1) * (6 * v["hidden_size"] + v["intermediate_size"]) \
-            + v["num_attention_heads"] * (self.config.num_patches + 1) ** 2
+        clip = crops * ((self.config.num_patches + 1) * (6 * v["hidden_size"] + v["intermediate_size"])
+                        + v["num_attention_heads"] * (self.config.num_patches + 1) ** 2)
         return max(1, self.savings.frame_budget_bytes // ((prefusion + clip) * itemsize))
 
     # --- text ------------------------------------------------------------------------------------
@@ -281,8 +289,19 @@ class LlavaMini(nn.Module):
                 else:
                     fused = zip(*self.fuse_reference(vision, compressed, ids))
             image_pos = [self.image_position(r, i) for i, r in enumerate(ids)]
-            return LLMInput.left_pad([torch.cat([text[:p], vis, text[p + 1:len(r)]])
-                                      for (vis, text), p, r in zip(fused, image_pos, ids)])
+            return LLMInput.left_pad(self.truncate([torch.cat([text[:p], vis, text[p + 1:len(r)]])
+                                                    for (vis, text), p, r in zip(fused, image_pos, ids)]))
+
+    def truncate(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each prompt's LLM input cut to ``config.tokenizer_model_max_length`` positions (as released);
+        warns when it cuts."""
+        limit = self.config.tokenizer_model_max_length
+        longest = max(r.shape[0] for r in rows)
+        if limit is None or longest <= limit:
+            return rows
+        warnings.warn(f"tokenizer_model_max_length: the LLM input ({longest} positions) is cut to the config's "
+                      f"limit of {limit}, as the released code does; the tokens after it are dropped")
+        return [r[:limit] for r in rows]
 
     def broadcast(self, ids, count: int, argument: str) -> list[list[int]]:
         if len(ids) == count:
@@ -302,15 +321,21 @@ class LlavaMini(nn.Module):
         """The released pre-fusion over [vision ; compressed ; text] -> (vision tokens, fused text)."""
         text, valid = self.embed_text(ids)
         x = torch.cat([vision, compressed, text], dim=1)
-        valid = torch.cat([valid.new_ones(vision.shape[0], vision.shape[1] + compressed.shape[1]), valid], dim=1)
+        full_valid = torch.cat([valid.new_ones(vision.shape[0], vision.shape[1] + compressed.shape[1]), valid], dim=1)
         c = compressed.shape[1]
-        out = self.prefusion.reference(x, valid, self.savings.prune_last_layer, keep_last=c + text.shape[1])
-        return out[:, :c], out[:, c:]
+        out = self.prefusion.reference(x, full_valid, self.savings.prune_last_layer, keep_last=c + text.shape[1])
+        return out[:, :c], self.unfuse_invalid(out[:, c:], text, valid)
 
     def fuse_text(self, prefix: Prefix, ids):
         """Pre-fuse only the text rows against a prefix -> (vision tokens, fused text)."""
         text, valid = self.embed_text(ids)
-        return prefix.compressed, self.prefusion.text(prefix, text, valid)
+        return prefix.compressed, self.unfuse_invalid(self.prefusion.text(prefix, text, valid), text, valid)
+
+    @staticmethod
+    def unfuse_invalid(fused, text, valid):
+        """Rows with id <= 0 (padding, the placeholder, a real token with id 0) get their plain
+        (unfused) embedding back, as released."""
+        return torch.where(valid[..., None], fused, text)
 
     def fuse_video(self, frames: torch.Tensor, ids: list[int]):
         """One prompt over T frames: (all frames' tokens [T*C^2, d], fused text averaged over frames in fp32).
