@@ -4,7 +4,10 @@
 #   bash bench/gpu_runbook.sh kernels    # compressor + attention kernel sweeps (JSON under bench/results/<gpu>/)
 #   bash bench/gpu_runbook.sh stages     # pre-fusion savings, video loop vs batched
 #   bash bench/gpu_runbook.sh main       # llava-mini bench: the report against the 576-token baseline
+#                                        #   (both 7B models loaded at once; ~8 s per comparison, 24 s headline)
 #   bash bench/gpu_runbook.sh budget     # frames of Llama-3.1-8B context that fit a 24 GB cap, measured
+# Every comparison is interleaved and reported as a median ratio with its 95% interval
+# (llava_mini/profiling/estimate.py); a report whose self-checks fail says "noisy run" in its header.
 # The GPU machine has torch/triton/transformers preinstalled and no network: run from the repository
 # root with PYTHONPATH=. (no install).
 set -euo pipefail

@@ -27,7 +27,8 @@ def cmd_bench(args) -> int:
     from llava_mini.profiling.results import RESULTS_DIR, device_slug
 
     plan = BenchPlan.for_device(args.device, preset=args.preset, baseline_preset=args.baseline,
-                                dtype=DTYPES.get(args.dtype), repeats=args.repeats,
+                                dtype=DTYPES.get(args.dtype), budget_s=args.budget, rel_width=args.width,
+                                threads=args.threads,
                                 batches=tuple(args.batches) if args.batches else None,
                                 frames=tuple(args.frames) if args.frames else None,
                                 backends=tuple(args.backends) if args.backends else None)
@@ -86,16 +87,19 @@ def cmd_profile(args) -> int:
 
     from llava_mini.lmm import LlavaMini
     from llava_mini.lmm.baseline import LlavaBaseline
+    from llava_mini.profiling.estimate import Protocol, clock_name
     from llava_mini.profiling.latency import random_inputs, stage_timings
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     cls = LlavaBaseline if args.model == "baseline" else LlavaMini
     model = cls.from_preset(args.preset, dtype=dtype, device=device)
-    timings = stage_timings(model, batch=args.batch, repeats=args.repeats, backend=args.backend)
+    protocol = Protocol(min_samples=args.repeats, max_samples=args.repeats)
+    timings = stage_timings(model, batch=args.batch, protocol=protocol, backend=args.backend)
+    print(f"ms: median [interval] (n samples), {clock_name(device)}")
     for stage, t in timings.items():
         if args.stage in (None, stage):
-            print(f"{stage:<16}{t.median_ms:>10.3f} ms  (p10 {t.p10_ms:.3f}, p90 {t.p90_ms:.3f}, {t.clock})")
+            print(f"{stage:<16}{t}")
     pixels, ids = random_inputs(model, args.batch, 43)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof, torch.no_grad():
@@ -165,7 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backends", nargs="+", choices=BACKENDS)
     b.add_argument("--batches", nargs="+", type=int)
     b.add_argument("--frames", nargs="+", type=int)
-    b.add_argument("--repeats", type=int)
+    b.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="time budget of each comparison (default: 4 on CPU, 8 on GPU; the headline gets 3x)")
+    b.add_argument("--width", type=float, metavar="FRACTION",
+                   help="stop a comparison once its 95%% interval is narrower than this fraction of the median "
+                        "(default 0.05)")
+    b.add_argument("--threads", type=int, help="torch CPU threads during the run (default: 1 on CPU, unchanged on GPU)")
     b.add_argument("--out", help="report folder (default: ./bench/results/<device>/)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_bench)
@@ -188,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device")
     f.add_argument("--dtype", choices=DTYPES)
     f.add_argument("--batch", type=int, default=1)
-    f.add_argument("--repeats", type=int, default=5)
+    f.add_argument("--repeats", type=int, default=6, help="timed runs per stage (6 or more: a 95%% interval)")
     f.add_argument("--trace", default="out/trace.json")
     f.set_defaults(func=cmd_profile)
 

@@ -1,6 +1,7 @@
 """The `llava-mini` command: plan, bench (a tiny CPU run whose report must render), profile, generate."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -20,17 +21,28 @@ def test_plan_prints_a_prediction(capsys):
 
 def test_bench_runs_on_cpu_and_writes_the_report(tmp_path, capsys):
     code = main(["bench", "--device", "cpu", "--preset", "tiny", "--baseline", "tiny", "--batches", "1", "2",
-                 "--frames", "1", "2", "--repeats", "1", "--backends", "torch", "--out", str(tmp_path),
+                 "--frames", "1", "2", "--budget", "0", "--backends", "torch", "--out", str(tmp_path),
                  "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
     print(out)
-    assert "time_to_first_token_speedup" in out
+    headline = next(line for line in out.splitlines() if line.startswith("time_to_first_token_speedup:"))
+    assert re.fullmatch(r"time_to_first_token_speedup: \S+x \[\S+, \S+\] \(n=\d+\)", headline)
     results = json.loads((tmp_path / "report.json").read_text())
-    assert results["env"]["device"] == "cpu"
-    assert set(results["measured"]["mini"]["torch"]["stages_ms"]) >= {"vision_encoder", "compressor", "prefusion"}
-    assert [r["frames"] for r in results["measured"]["mini"]["torch"]["video"]["latency"]] == [1, 2]
-    assert "| stage |" in (tmp_path / "report.md").read_text()
+    assert results["env"]["device"] == "cpu" and results["protocol"]["budget_s"] == 0
+    stages = results["measured"]["stages"]
+    assert set(stages) >= {"vision_encoder", "compressor", "prefusion", "prefill"}
+    assert set(stages["vision_encoder"]) == {"mini", "baseline", "ratio"} and set(stages["compressor"]) == {"mini"}
+    for ratio in [stages["prefill"]["ratio"], *[v for v in results["summary"].values() if "median" in v]]:
+        assert ratio["unit"] == "x" and ratio["low"] <= ratio["median"] <= ratio["high"] and ratio["n"] >= 6
+        assert ratio["stopped_by"] in ("width", "budget", "max_samples")
+    assert results["summary"]["time_to_first_token_speedup"] == stages["prefill"]["ratio"]
+    assert "prefill_throughput_speedup_batch2" in results["summary"]
+    assert [r["frames"] for r in results["measured"]["video"]["latency"]] == [1, 2]
+    assert {c["check"] for c in results["checks"]} >= {"shared stage vision_encoder agrees", "figures plausible"}
+    assert results["noisy"] == (not all(c["ok"] for c in results["checks"]))
+    md = (tmp_path / "report.md").read_text()
+    assert "| stage |" in md and "## Self-checks" in md and "CUDA graph" not in md
     for png in tmp_path.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list(tmp_path.glob("*.png"))) == 4
