@@ -11,8 +11,9 @@ Cases (bf16 on a GPU):
   batches of slices with different patch grids (padded, as the model passes them);
 - Qwen-VL: 256 queries over 1024 tokens (32 x 32), 1664-d ViT-bigG features projected to 4096 (32 heads).
 
-Each case times the fused module and the baseline interleaved in one loop (``paired_ms``), checks
-their outputs agree, prints a table and writes ``bench/results/<gpu>/resampler.json``. Timings are
+Each case compares the fused module with the baseline on the project's paired protocol
+(``estimate.paired_ratio``: the two alternate, the speedup is the median per-pair ratio with its
+95% interval), checks their outputs agree, prints a table and writes ``bench/results/<gpu>/resampler.json``. Timings are
 reported, never asserted. Without a GPU only the structure runs (tiny shapes, Triton interpreter).
 
     PYTHONPATH=. python bench/test_bench_resampler.py     # the full sweep (GPU)
@@ -21,14 +22,12 @@ reported, never asserted. Without a GPU only the structure runs (tiny shapes, Tr
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
 from llava_mini.kernels.compress import FusedResampler, choose_form
 from llava_mini.kernels.compress.released import MiniCPMV26Resampler, QwenVLResampler
+from llava_mini.profiling.estimate import Protocol, format_estimate, paired_ratio, timer
 from llava_mini.profiling.results import write_results
 
 # (name, module constructor arguments, batches); MiniCPM-V 2.6 slices are 448 px crops: ~32 x 32 patches.
@@ -42,21 +41,9 @@ TINY = {  # the CPU structure check
 }
 
 
-def paired_ms(fn_a, fn_b, device: torch.device, warmup: int = 3, repeats: int = 20) -> tuple[float, float]:
-    """Median wall times (ms) of ``fn_a`` and ``fn_b``, measured interleaved (a, b, a, b, ...) so both
-    see the same clocks and temperature. Stand-in for llava_mini.profiling.compare (issue 11)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn_a(), fn_b()
-    times = ([], [])
-    for _ in range(repeats):
-        for fn, samples in zip((fn_a, fn_b), times):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+PROTOCOL = Protocol(rel_width=0.05, budget_s=2.0)  # per comparison
+TINY_PROTOCOL = Protocol(rel_width=0.5, budget_s=0.0, min_samples=2, warmup=1)  # CPU structure check only
+MIN_SAMPLE_MS = 1.0  # shorter calls are repeated within a sample (launch jitter)
 
 
 def build(name: str, config: dict, device, dtype):
@@ -87,15 +74,16 @@ def bench_case(name, config, batch, device, dtype, tiny) -> dict:
     module, fused = build(name, config, device, dtype)
     args = inputs(name, config, batch, device, dtype, tiny)
     with torch.no_grad():
-        fused_ms, source_ms = paired_ms(lambda: fused(**args), lambda: module(**args), device,
-                                        repeats=2 if tiny else 20, warmup=1 if tiny else 3)
+        c = paired_ratio(timer(lambda: module(**args), device, min_sample_ms=MIN_SAMPLE_MS),
+                         timer(lambda: fused(**args), device, min_sample_ms=MIN_SAMPLE_MS),
+                         TINY_PROTOCOL if tiny else PROTOCOL)
         out, expected = fused(**args).float(), module(**args).float()
     heads, queries = config["num_heads"], module.query.shape[0]
     return {
         "model": name, "batch": batch, "tokens": args["x"].shape[1], "queries": queries,
         "kv_dim": config["kv_dim"], "dim": config["embed_dim"], "heads": heads,
         "dtype": str(dtype).removeprefix("torch."), "form": choose_form(heads, queries, config["embed_dim"], dtype, device),
-        "fused_ms": fused_ms, "source_ms": source_ms, "speedup": source_ms / fused_ms,
+        "fused_ms": c.denominator.to_dict(), "source_ms": c.numerator.to_dict(), "speedup": c.ratio.to_dict(),
         "max_rel_diff": ((out - expected).abs().max() / expected.abs().max()).item(),
     }
 
@@ -105,14 +93,15 @@ def run_sweep(tiny: bool = False) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     dtype = torch.float32 if tiny else torch.bfloat16
     cases = TINY if tiny else {"minicpm-v-2.6": MINICPM_V_26, "qwen-vl": QWEN_VL}
-    print(f"\n{'model':>14} {'B':>3} {'N':>5} {'Q':>4} {'form':>9} {'fused ms':>9} {'source ms':>10} {'x':>6} {'max rel':>8}")
+    print(f"\n{'model':>14} {'B':>3} {'N':>5} {'Q':>4} {'form':>9}  fused ms | source ms | speedup [95% interval] | max rel")
     records = []
     for name, config in cases.items():
         for batch in ((3,) if tiny else BATCHES):
             r = bench_case(name, config, batch, device, dtype, tiny)
             records.append(r)
-            print(f"{name:>14} {batch:>3} {r['tokens']:>5} {r['queries']:>4} {r['form']:>9} {r['fused_ms']:>9.3f} "
-                  f"{r['source_ms']:>10.3f} {r['speedup']:>5.2f}x {r['max_rel_diff']:>8.1e}")
+            print(f"{name:>14} {batch:>3} {r['tokens']:>5} {r['queries']:>4} {r['form']:>9}  "
+                  f"{format_estimate(r['fused_ms'], 'fused')} | {format_estimate(r['source_ms'], 'source')} | "
+                  f"{format_estimate(r['speedup'], 'speedup')} | {r['max_rel_diff']:.1e}")
     if not tiny:
         print(f"wrote {write_results('resampler', records, device=device)}")
     return records
@@ -131,7 +120,8 @@ def test_bench_resampler_structure():
         pytest.skip("a GPU runs the full benchmark")
     records = run_sweep(tiny=True)
     assert [r["model"] for r in records] == ["minicpm-v-2.6", "qwen-vl"]
-    assert all(r["max_rel_diff"] < 1e-4 and r["fused_ms"] > 0 and r["source_ms"] > 0 for r in records)
+    assert all(r["max_rel_diff"] < 1e-4 and r["fused_ms"]["median"] > 0 and r["source_ms"]["median"] > 0
+               for r in records)
 
 
 if __name__ == "__main__":
