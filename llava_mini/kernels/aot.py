@@ -304,8 +304,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _span(values) -> str:
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"
+
+
 def markdown_table(rows: list[Row]) -> str:
-    """Shared memory, registers, spills and occupancy per kernel, shape, dtype, arch and config."""
+    """Shared memory, registers, spills and occupancy per kernel, dtype and arch (summed up over the
+    shapes), then per shape and config."""
     import triton
     from triton.backends.nvidia.compiler import get_ptxas_version
 
@@ -320,7 +326,39 @@ def markdown_table(rows: list[Row]) -> str:
         "(the occupancy calculator's rule). Dropped configs do not fit the arch and are never compiled at run "
         "time. Which kept config the autotuner picks, and the timings, need the GPU.",
         "",
-        "| kernel | shape | dtype | arch | config | kept | shared (B) | limit (B) | registers | spill stores / loads (B) | programs / SM |",
+        "## Per kernel, dtype and arch (configs kept per shape; figures of the kept ones over all shapes)",
+        "",
+        "| kernel | dtype | arch | configs kept | shared (B) | limit (B) | registers | most spill stores (B) "
+        "| programs / SM |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row.case.kernel, dtype_name(row.case.dtype), row.arch.capability), []).append(row)
+    for (kernel, dtype, _), group in groups.items():
+        kept = [row for row in group if row.kept]
+        arch = group[0].arch
+        configs = {config_name(row.config) for row in group}
+        kept_per_shape: dict = {}
+        for row in group:
+            kept_per_shape[id(row.case)] = kept_per_shape.get(id(row.case), 0) + row.kept
+        compiled = [row for row in kept if row.report.registers is not None]
+        if compiled:
+            resident = [occupancy(arch, row.config.num_warps, row.report.registers, row.report.shared)
+                        for row in compiled]
+            figures = (f"{_span([row.report.registers for row in compiled])} "
+                       f"| {max(row.report.spill_stores for row in compiled)} | {_span(resident)}")
+        else:
+            figures = "- | - | -"
+        shared = _span([row.report.shared for row in kept]) if kept else "-"
+        lines.append(f"| {kernel} | {dtype} | {arch.name} ({arch.gpu}) | {_span(kept_per_shape.values())} of {len(configs)} "
+                     f"| {shared} | {arch.shared_per_block} | {figures} |")
+    lines += [
+        "",
+        "## Per shape and config",
+        "",
+        "| kernel | shape | dtype | arch | config | kept | shared (B) | limit (B) | registers | spill stores / loads (B) "
+        "| programs / SM |",
         "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
