@@ -49,6 +49,7 @@ from llava_mini.kernels.gpus import ARCHS, Arch, occupancy
 # The kernel modules whose aot_cases() the check runs; a new kernel adds its module here.
 CASE_PROVIDERS = ("llava_mini.kernels.prefusion.aot:aot_cases",)
 REPORT_VERSION = "aot-report-1"
+MAX_DEFAULT_JOBS = 8  # each compile process holds torch and Triton (a few hundred MB)
 # Any 16-byte aligned address: what PyTorch's CUDA caching allocator returns for a new tensor.
 ALLOCATION_ADDRESS = 1 << 21
 
@@ -277,7 +278,7 @@ def run_check(providers=CASE_PROVIDERS, jobs: int | None = None) -> tuple[list[R
                     unit = (provider, index, config_index, arch.capability, kept and case.max_spill_bytes is not None)
                     work.append((case, arch, config, kept, unit))
     units = [w[-1] for w in work]
-    jobs = jobs or os.cpu_count() or 1
+    jobs = jobs or min(len(os.sched_getaffinity(0)), MAX_DEFAULT_JOBS)
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
             reports = list(pool.map(_compile_unit, units, chunksize=4))
@@ -377,7 +378,7 @@ def markdown_table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava_mini.kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", help="write the markdown table of resources here")
-    parser.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU count)")
+    parser.add_argument("--jobs", type=int, default=None, help=f"compile processes (default: the CPUs available, at most {MAX_DEFAULT_JOBS})")
     parser.add_argument("--cases", nargs="+", default=list(CASE_PROVIDERS),
                         help="providers 'package.module:function' returning LaunchCases")
     args = parser.parse_args(argv)
