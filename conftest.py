@@ -31,3 +31,25 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """The device kernels run on: CUDA when present, else the CPU (Triton interpreter)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """A factory: ``tiny_tokenizer(vocab_size)`` builds, offline, a tokenizer covering a tiny model's
+    whole vocabulary (id i >= 10 decodes to the word ``t{i}``), so any generated id has text.
+
+    BPE on single letters (no merges) for ``a``..``f``: transformers' stop-string matching
+    tokenizes a probe string ("abcdef") to learn how tokens join into text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def build(vocab_size: int):
+        vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "\u2581": 3, **{c: 4 + i for i, c in enumerate("abcdef")}}
+        vocab.update({f"\u2581t{i}": i for i in range(len(vocab), vocab_size)})
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<pad>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+    return build

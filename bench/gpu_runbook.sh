@@ -2,11 +2,15 @@
 # Everything a GPU session runs, in steps that each fit the device tool's 10-minute command limit:
 #   bash bench/gpu_runbook.sh tests      # the whole suite on CUDA (bf16 and GPU-only tests included)
 #   bash bench/gpu_runbook.sh kernels    # compressor + attention kernel sweeps (JSON under bench/results/<gpu>/)
+#   bash bench/gpu_runbook.sh resampler  # FusedResampler vs Qwen-VL / MiniCPM-V 2.6 resamplers at their real shapes
 #   bash bench/gpu_runbook.sh stages     # pre-fusion savings, video loop vs batched
 #   bash bench/gpu_runbook.sh main       # llava-mini bench: the report against the 576-token baseline
+#                                        #   (both 7B models loaded at once; ~8 s per comparison, 24 s headline)
 #   bash bench/gpu_runbook.sh budget     # frames of Llama-3.1-8B context that fit a 24 GB cap, measured
 #   bash bench/gpu_runbook.sh video      # long videos: memory and frames/s, 100 to 10,000 frames (needs PyAV;
 #                                        # resumable: repeat until it prints the table)
+# Every comparison is interleaved and reported as a median ratio with its 95% interval
+# (llava_mini/profiling/estimate.py); a report whose self-checks fail says "noisy run" in its header.
 # The GPU machine has torch/triton/transformers preinstalled and no network: run from the repository
 # root with PYTHONPATH=. (no install).
 set -euo pipefail
@@ -16,10 +20,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 case "${1:-}" in
   tests)   python -m pytest -q tests -x ;;
   kernels) python bench/test_bench_compress.py && python bench/test_bench_prefusion.py ;;
+  resampler) python bench/test_bench_resampler.py ;;
   stages)  python bench/test_bench_stages.py ;;
   main)    python -m llava_mini.cli bench ;;
   budget)  python -m llava_mini.cli plan --vram 24GB --preset llava-mini-llama-3.1-8b --measure --json \
              > "bench/results/$(python -c 'from llava_mini.profiling.results import device_slug; from llava_mini.profiling.ceilings import device_name; print(device_slug(device_name()))')/budget.json" ;;
   video)   python bench/test_bench_video.py ;;
-  *) echo "usage: bash bench/gpu_runbook.sh tests|kernels|stages|main|budget|video" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_runbook.sh tests|kernels|resampler|stages|main|budget|video" >&2; exit 2 ;;
 esac

@@ -1,9 +1,11 @@
 """Benchmark: the fused compressor against the reference path and nn.MultiheadAttention (GPU only).
 
-One run measures, side by side: the GPU's copy bandwidth, then for every (B, C, N) at D=1024,
-8 heads, bf16 the fused op, ``compress_ref`` and the released module's ``nn.MultiheadAttention``
-forward (triton.testing.do_bench medians). It prints a table and writes
-``bench/results/<gpu>/compress.json``. Timings are reported, never asserted.
+One run measures the GPU's copy bandwidth, then for every (B, C, N) at D=1024, 8 heads, bf16 the
+fused op against ``compress_ref`` and against the released module's ``nn.MultiheadAttention``
+forward, each comparison interleaved (``estimate.paired_ratio``: the two alternate, the speedup is
+the median per-pair ratio with its 95% interval; CUDA events, calls shorter than 1 ms repeated back
+to back within a sample, so small inputs run from a warm L2 on both sides). It prints a table and
+writes ``bench/results/<gpu>/compress.json``. Timings are reported, never asserted.
 
     PYTHONPATH=. python bench/test_bench_compress.py      # the full sweep
     pytest bench/test_bench_compress.py -s                 # the same, under pytest-benchmark
@@ -21,7 +23,8 @@ import torch
 from torch import nn
 
 from llava_mini.kernels.compress import choose_form, compress, compress_ref, key_pos_embed, sincos_pos_embed_2d
-from llava_mini.profiling.ceilings import measure_copy_gbps, time_ms
+from llava_mini.profiling.ceilings import measure_copy_gbps
+from llava_mini.profiling.estimate import Protocol, format_estimate, paired_ratio, timer
 from llava_mini.profiling.results import write_results
 
 BATCHES = (1, 16, 256, 4096)
@@ -29,6 +32,8 @@ GRIDS = (1, 2, 8)  # C: C^2 queries
 TOKENS = (576, 2304)  # N: one image, or the 2x2 HD crops
 DIM, HEADS, DTYPE = 1024, 8, torch.bfloat16
 BASELINE_BYTES_PER_X_BYTE = 8  # LN(x), K input, K, V, MHA's packed projections ...: a generous bound
+PROTOCOL = Protocol(rel_width=0.05, budget_s=2.0)  # per comparison
+MIN_SAMPLE_MS = 1.0
 
 
 class MultiheadResampler(nn.Module):
@@ -67,22 +72,29 @@ def bench_case(module: MultiheadResampler, batch: int, grid: int, n: int, copy_g
     device = torch.device("cuda")
     x = torch.randn(batch, n, DIM, device=device, dtype=DTYPE)
     weights = module.weights()
-    fused_ms = time_ms(lambda: compress(x, *weights, HEADS), device)
+    fused = timer(lambda: compress(x, *weights, HEADS), device, min_sample_ms=MIN_SAMPLE_MS)
 
     sub = baseline_batch(batch, n * DIM * x.element_size())
     x_sub = x[:sub]
-    ref_ms = time_ms(lambda: compress_ref(x_sub, *weights, HEADS), device) * batch / sub
-    mha_ms = time_ms(lambda: module(x_sub), device) * batch / sub
+
+    def scaled(fn):  # a baseline timed on the sub-batch, scaled to the whole batch
+        sample = timer(fn, device, min_sample_ms=MIN_SAMPLE_MS)
+        return lambda: sample() * batch / sub
+
+    vs_ref = paired_ratio(scaled(lambda: compress_ref(x_sub, *weights, HEADS)), fused, PROTOCOL)
+    vs_mha = paired_ratio(scaled(lambda: module(x_sub)), fused, PROTOCOL)
     max_diff = (compress(x_sub, *weights, HEADS).float() - compress_ref(x_sub, *weights, HEADS).float()).abs().max()
 
     nbytes = x.numel() * x.element_size() + batch * grid * grid * DIM * x.element_size()  # read x, write out
-    fused_gbps = nbytes / (fused_ms * 1e-3) / 1e9
+    fused_ms = vs_ref.denominator
+    fused_gbps = fused_ms.reciprocal(nbytes / 1e6, "GB/s")
     return {
         "batch": batch, "grid": grid, "queries": grid * grid, "tokens": n, "dim": DIM, "heads": HEADS,
         "dtype": str(DTYPE).removeprefix("torch."), "form": choose_form(HEADS, grid * grid, DIM, DTYPE, device),
-        "fused_ms": fused_ms, "fused_gbps": fused_gbps, "fraction_of_copy_bandwidth": fused_gbps / copy_gbps,
-        "ref_ms": ref_ms, "mha_ms": mha_ms, "baseline_batch": sub,
-        "speedup_vs_ref": ref_ms / fused_ms, "speedup_vs_mha": mha_ms / fused_ms,
+        "fused_ms": fused_ms.to_dict(), "fused_gbps": fused_gbps.to_dict(),
+        "fraction_of_copy_bandwidth": fused_gbps.median / copy_gbps,
+        "ref_ms": vs_ref.numerator.to_dict(), "mha_ms": vs_mha.numerator.to_dict(), "baseline_batch": sub,
+        "speedup_vs_ref": vs_ref.ratio.to_dict(), "speedup_vs_mha": vs_mha.ratio.to_dict(),
         "max_abs_diff_vs_ref": max_diff.item(),
     }
 
@@ -92,9 +104,8 @@ def run_sweep() -> list[dict]:
     device = torch.device("cuda")
     copy_gbps = measure_copy_gbps(device)
     print(f"\ncopy bandwidth: {copy_gbps:.0f} GB/s")
-    header = (f"{'B':>5} {'C':>2} {'N':>5} {'form':>9} {'fused ms':>9} {'GB/s':>7} {'%copy':>6} "
-              f"{'ref ms':>9} {'x ref':>7} {'mha ms':>9} {'x mha':>7} {'max diff':>9}")
-    print(header)
+    print(f"{'B':>5} {'C':>2} {'N':>5} {'form':>9} {'fused ms':>9} {'GB/s':>7} {'%copy':>6} "
+          f"{'x ref [95% interval]':>28} {'x mha [95% interval]':>28} {'max diff':>9}")
     records = []
     with torch.no_grad():
         for grid, n in itertools.product(GRIDS, TOKENS):
@@ -102,12 +113,12 @@ def run_sweep() -> list[dict]:
             for batch in BATCHES:
                 r = bench_case(module, batch, grid, n, copy_gbps)
                 records.append(r)
-                print(f"{batch:>5} {grid:>2} {n:>5} {r['form']:>9} {r['fused_ms']:>9.4f} {r['fused_gbps']:>7.0f} "
-                      f"{100 * r['fraction_of_copy_bandwidth']:>5.1f}% {r['ref_ms']:>9.3f} "
-                      f"{r['speedup_vs_ref']:>6.1f}x {r['mha_ms']:>9.3f} {r['speedup_vs_mha']:>6.1f}x "
+                print(f"{batch:>5} {grid:>2} {n:>5} {r['form']:>9} {r['fused_ms']['median']:>9.4f} "
+                      f"{r['fused_gbps']['median']:>7.0f} {100 * r['fraction_of_copy_bandwidth']:>5.1f}% "
+                      f"{format_estimate(r['speedup_vs_ref']):>28} {format_estimate(r['speedup_vs_mha']):>28} "
                       f"{r['max_abs_diff_vs_ref']:>9.2e}")
                 torch.cuda.empty_cache()
-    path = write_results("compress", records, device=device, copy_gbps=copy_gbps)
+    path = write_results("compress", records, device=device, copy_gbps=copy_gbps, protocol=PROTOCOL.to_dict())
     print(f"wrote {path}")
     return records
 

@@ -1,8 +1,9 @@
 """Benchmark: the fused pre-fusion attention kernel against PyTorch SDPA's flash backend (GPU only).
 
-One run measures, side by side: the GPU's bf16 matmul rate, then for every case the Triton kernel
-and ``scaled_dot_product_attention`` restricted to ``SDPBackend.FLASH_ATTENTION``
-(triton.testing.do_bench medians). Cases: batch 1/8/64, L = 32/128 text tokens, Vicuna (32/32 heads)
+One run measures the GPU's bf16 matmul rate, then for every case the Triton kernel against
+``scaled_dot_product_attention`` restricted to ``SDPBackend.FLASH_ATTENTION``, interleaved
+(``estimate.paired_ratio``: the two alternate, the speedup is the median per-pair ratio with its 95%
+interval; CUDA events, calls shorter than 1 ms repeated back to back within a sample). Cases: batch 1/8/64, L = 32/128 text tokens, Vicuna (32/32 heads)
 and Llama-3.1 (32/8 heads) at d=128, bf16, causal; both the full pre-fusion sequence
 (Lq = Lk = 577 + L) and the cached-prefix case (Lq = L text queries over Lk = 577 + L keys,
 bottom-right causal). TFLOP/s counts only the pairs the causal mask leaves visible. It prints a
@@ -26,7 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from llava_mini.kernels.prefusion import causal_pairs, prefusion_attention
-from llava_mini.profiling.ceilings import measure_matmul_tflops, time_ms
+from llava_mini.profiling.ceilings import measure_matmul_tflops
+from llava_mini.profiling.estimate import Protocol, format_estimate, paired_ratio, timer
 from llava_mini.profiling.results import write_results
 
 BATCHES = (1, 8, 64)
@@ -34,6 +36,8 @@ TEXT_TOKENS = (32, 128)  # L: the prompt; the vision side is 576 tokens + 1 comp
 HEADS = {"vicuna-7b": (32, 32), "llama-3.1-8b": (32, 8)}
 CACHED_PREFIX = (False, True)  # True: only the L text queries, over the cached vision keys
 HEAD_DIM, DTYPE = 128, torch.bfloat16
+PROTOCOL = Protocol(rel_width=0.05, budget_s=2.0)  # per comparison
+MIN_SAMPLE_MS = 1.0
 
 
 def bench_case(batch: int, text: int, model: str, cached_prefix: bool, matmul_tflops: float) -> dict:
@@ -44,7 +48,6 @@ def bench_case(batch: int, text: int, model: str, cached_prefix: bool, matmul_tf
     q = torch.randn(batch, q_len, heads, HEAD_DIM, device=device, dtype=DTYPE)
     k = torch.randn(batch, k_len, kv_heads, HEAD_DIM, device=device, dtype=DTYPE)
     v = torch.randn(batch, k_len, kv_heads, HEAD_DIM, device=device, dtype=DTYPE)
-    kernel_ms = time_ms(lambda: prefusion_attention(q, k, v), device)
 
     group = heads // kv_heads
     q_sdpa = q.transpose(1, 2).contiguous()
@@ -56,19 +59,21 @@ def bench_case(batch: int, text: int, model: str, cached_prefix: bool, matmul_tf
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q_sdpa, k_sdpa, v_sdpa, attn_mask=mask)
 
-    sdpa_ms = time_ms(sdpa, device)
+    c = paired_ratio(timer(sdpa, device, min_sample_ms=MIN_SAMPLE_MS),
+                     timer(lambda: prefusion_attention(q, k, v), device, min_sample_ms=MIN_SAMPLE_MS), PROTOCOL)
     max_diff = (prefusion_attention(q, k, v).float() - sdpa().transpose(1, 2).float()).abs().max()
 
     flops = 4 * HEAD_DIM * heads * batch * causal_pairs(q_len, k_len)
-    kernel_tflops = flops / (kernel_ms * 1e-3) / 1e12
+    kernel_tflops = c.denominator.reciprocal(flops / 1e9, "TFLOP/s")
     return {
         "model": model, "batch": batch, "text_tokens": text, "cached_prefix": cached_prefix,
         "q_len": q_len, "k_len": k_len, "heads": heads, "kv_heads": kv_heads, "head_dim": HEAD_DIM,
         "dtype": str(DTYPE).removeprefix("torch."), "causal_flops": flops,
-        "kernel_ms": kernel_ms, "kernel_tflops": kernel_tflops,
-        "sdpa_flash_ms": sdpa_ms, "sdpa_flash_tflops": flops / (sdpa_ms * 1e-3) / 1e12,
-        "speedup_vs_sdpa_flash": sdpa_ms / kernel_ms,
-        "fraction_of_matmul_rate": kernel_tflops / matmul_tflops,
+        "kernel_ms": c.denominator.to_dict(), "kernel_tflops": kernel_tflops.to_dict(),
+        "sdpa_flash_ms": c.numerator.to_dict(),
+        "sdpa_flash_tflops": c.numerator.reciprocal(flops / 1e9, "TFLOP/s").to_dict(),
+        "speedup_vs_sdpa_flash": c.ratio.to_dict(),
+        "fraction_of_matmul_rate": kernel_tflops.median / matmul_tflops,
         "max_abs_diff_vs_sdpa": max_diff.item(),
     }
 
@@ -79,17 +84,19 @@ def run_sweep() -> list[dict]:
     matmul_tflops = measure_matmul_tflops(device)
     print(f"\nbf16 matmul rate: {matmul_tflops:.0f} TFLOP/s")
     print(f"{'model':>13} {'B':>3} {'Lq':>4} {'Lk':>4} {'kernel ms':>10} {'TFLOP/s':>8} {'%mm':>6} "
-          f"{'sdpa ms':>9} {'x sdpa':>7} {'max diff':>9}")
+          f"{'sdpa ms':>9} {'x sdpa [95% interval]':>28} {'max diff':>9}")
     records = []
     with torch.no_grad():
         for model, text, cached_prefix, batch in itertools.product(HEADS, TEXT_TOKENS, CACHED_PREFIX, BATCHES):
             r = bench_case(batch, text, model, cached_prefix, matmul_tflops)
             records.append(r)
-            print(f"{model:>13} {batch:>3} {r['q_len']:>4} {r['k_len']:>4} {r['kernel_ms']:>10.4f} "
-                  f"{r['kernel_tflops']:>8.1f} {100 * r['fraction_of_matmul_rate']:>5.1f}% "
-                  f"{r['sdpa_flash_ms']:>9.4f} {r['speedup_vs_sdpa_flash']:>6.2f}x {r['max_abs_diff_vs_sdpa']:>9.2e}")
+            print(f"{model:>13} {batch:>3} {r['q_len']:>4} {r['k_len']:>4} {r['kernel_ms']['median']:>10.4f} "
+                  f"{r['kernel_tflops']['median']:>8.1f} {100 * r['fraction_of_matmul_rate']:>5.1f}% "
+                  f"{r['sdpa_flash_ms']['median']:>9.4f} {format_estimate(r['speedup_vs_sdpa_flash']):>28} "
+                  f"{r['max_abs_diff_vs_sdpa']:>9.2e}")
             torch.cuda.empty_cache()
-    path = write_results("prefusion_attention", records, device=device, matmul_tflops=matmul_tflops)
+    path = write_results("prefusion_attention", records, device=device, matmul_tflops=matmul_tflops,
+                         protocol=PROTOCOL.to_dict())
     print(f"wrote {path}")
     return records
 

@@ -9,6 +9,9 @@ One run, one model (random weights at the real shapes), side by side:
 - a video of 100 and 1,000 frames encoded to the LLM input: the released per-frame loop against
   batched frames with the savings.
 
+Every variant is compared with the released computation interleaved (``estimate.paired_ratio``:
+the two alternate, the speedup is the median per-pair ratio with its 95% interval): pre-fusion
+variants against the released stage on "torch" and on "sdpa", batched video against the loop.
 Prints a table, writes ``bench/results/<device>/stages.json``. Timings are never asserted.
 
     PYTHONPATH=. python bench/test_bench_stages.py                    # GPU: llava-mini-vicuna-7b, bf16
@@ -24,72 +27,79 @@ import pytest
 import torch
 
 from llava_mini.lmm import LlavaMini, Savings
-from llava_mini.profiling.latency import measure, random_inputs
+from llava_mini.profiling.estimate import Protocol, format_estimate, paired_ratio, timer
+from llava_mini.profiling.latency import random_inputs
 from llava_mini.profiling.results import write_results
 
 RELEASED = Savings(prefix_split=False, prune_last_layer=False, batch_frames=False)
 SAVED = Savings(prefix_split=True, prune_last_layer=True, batch_frames=True)
+PROTOCOL = Protocol(rel_width=0.05, budget_s=1.5)  # per comparison
 
 
-def stage_cases(model, batch: int, text: int, repeats: int) -> list[dict]:
-    pixels, ids = random_inputs(model, batch, text)
-    vision, compressed = model.embed_vision(pixels)
-    run = lambda fn: measure(fn, model.device, warmup=2, repeats=repeats).median_ms  # noqa: E731
-    rows = []
-
-    def record(variant, backend, savings, fn):
+def variant(model, savings: Savings, backend: str, fn):
+    """``fn`` run with ``savings`` on ``backend`` (set at every call: the variants alternate)."""
+    def run():
         model.savings = savings
-        with model.backend_scope(backend):
-            rows.append(dict(stage="prefusion", variant=variant, backend=backend, batch=batch, text_tokens=text,
-                             ms=run(fn)))
+        with torch.no_grad(), model.backend_scope(backend):
+            return fn()
+    return run
+
+
+def stage_cases(model, batch: int, text: int, protocol: Protocol) -> list[dict]:
+    pixels, ids = random_inputs(model, batch, text)
+    with torch.no_grad():
+        vision, compressed = model.embed_vision(pixels)
 
     def stage():  # the pre-fusion stage as encode runs it under model.savings
         if model.savings.prefix_split:
             return model.fuse_text(model.prefusion.prefix(vision, compressed, model.savings.prune_last_layer), ids)
         return model.fuse_reference(vision, compressed, ids)
 
-    record("released", "torch", RELEASED, stage)
-    record("released", "sdpa", RELEASED, stage)
-    for backend in ("sdpa", "triton"):
-        record("prefix_split", backend, Savings(prefix_split=True, prune_last_layer=False), stage)
-        record("prune_last_layer", backend, Savings(prefix_split=False, prune_last_layer=True), stage)
-        record("both_savings", backend, SAVED, stage)
-    with model.backend_scope("triton"):
+    with torch.no_grad(), model.backend_scope("triton"):
         prefix = model.prefusion.prefix(vision, compressed, True)
-    record("second_question", "triton", SAVED, lambda: model.fuse_text(prefix, ids))
-    reference = rows[0]["ms"]
-    for row in rows:
-        row["speedup_vs_released_torch"] = reference / row["ms"]
-        row["speedup_vs_released_sdpa"] = rows[1]["ms"] / row["ms"]
+    cases = [("released", "sdpa", RELEASED, stage)]
+    for backend in ("sdpa", "triton"):
+        cases += [("prefix_split", backend, Savings(prefix_split=True, prune_last_layer=False), stage),
+                  ("prune_last_layer", backend, Savings(prefix_split=False, prune_last_layer=True), stage),
+                  ("both_savings", backend, SAVED, stage)]
+    cases.append(("second_question", "triton", SAVED, lambda: model.fuse_text(prefix, ids)))
+    references = {b: timer(variant(model, RELEASED, b, stage), model.device) for b in ("torch", "sdpa")}
+    rows = []
+    for name, backend, savings, fn in cases:
+        row = dict(stage="prefusion", variant=name, backend=backend, batch=batch, text_tokens=text)
+        for ref, ref_timer in references.items():
+            c = paired_ratio(ref_timer, timer(variant(model, savings, backend, fn), model.device), protocol)
+            row.update({"ms": c.denominator.to_dict(), f"released_{ref}_ms": c.numerator.to_dict(),
+                        f"speedup_vs_released_{ref}": c.ratio.to_dict()})
+        rows.append(row)
     return rows
 
 
-def video_cases(model, frames: int, text: int, repeats: int) -> list[dict]:
+def video_cases(model, frames: int, text: int, protocol: Protocol) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     s = model.config.crop_size
     video = torch.randn(frames, 3, s, s, generator=g).to(model.device, model.dtype)
     _, ids = random_inputs(model, 1, text)
+    encode = lambda: model.fuse_video(video, ids[0])  # noqa: E731
+    loop = timer(variant(model, RELEASED, "sdpa", encode), model.device)
     rows = []
-    for variant, backend, savings in (("released_loop", "sdpa", RELEASED), ("batched", "sdpa", SAVED),
-                                      ("batched", "triton", SAVED)):
-        model.savings = savings
-        with model.backend_scope(backend):
-            ms = measure(lambda: model.fuse_video(video, ids[0]), model.device, warmup=1, repeats=repeats).median_ms
-        rows.append(dict(stage="video_encode", variant=variant, backend=backend, frames=frames, text_tokens=text, ms=ms))
-    for row in rows:
-        row["speedup_vs_loop"] = rows[0]["ms"] / row["ms"]
+    for backend in ("sdpa", "triton"):
+        c = paired_ratio(loop, timer(variant(model, SAVED, backend, encode), model.device), protocol)
+        rows.append(dict(stage="video_encode", variant="batched", backend=backend, frames=frames, text_tokens=text,
+                         ms=c.denominator.to_dict(), released_loop_ms=c.numerator.to_dict(),
+                         speedup_vs_loop=c.ratio.to_dict()))
     return rows
 
 
-def run(preset: str, device: str, dtype: torch.dtype, batches, texts, frames, repeats: int) -> list[dict]:
+def run(preset: str, device: str, dtype: torch.dtype, batches, texts, frames, protocol: Protocol) -> list[dict]:
     torch.manual_seed(0)
     # Pre-fusion and encoding do not touch the LLM's decoder layers: keep one to save memory.
     model = LlavaMini.from_config(_with_llm_layers(preset, 1), dtype=dtype, device=device)
     rows = []
     for batch, text in itertools.product(batches, texts):
-        rows += stage_cases(model, batch, text, repeats)
+        rows += stage_cases(model, batch, text, protocol)
     for n in frames:
-        rows += video_cases(model, n, 43, max(1, repeats // 2))
+        rows += video_cases(model, n, 43, protocol)
     return rows
 
 
@@ -102,20 +112,22 @@ def _with_llm_layers(preset: str, layers: int):
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'stage':<13}{'variant':<18}{'backend':<8}{'batch/frames':>13}{'L':>5}{'ms':>11}{'speedup':>9}")
+    print(f"{'stage':<13}{'variant':<18}{'backend':<8}{'batch/frames':>13}{'L':>5}{'ms':>11}"
+          f"{'speedup vs released torch / vs loop [95% interval]':>52}{'vs released sdpa':>30}")
     for r in rows:
         size = r.get("batch", r.get("frames"))
         speed = r.get("speedup_vs_released_torch", r.get("speedup_vs_loop"))
+        sdpa = r.get("speedup_vs_released_sdpa")
         print(f"{r['stage']:<13}{r['variant']:<18}{r['backend']:<8}{size:>13}{r['text_tokens']:>5}"
-              f"{r['ms']:>11.3f}{speed:>8.2f}x")
+              f"{r['ms']['median']:>11.3f}{format_estimate(speed):>52}{format_estimate(sdpa) if sdpa else '-':>30}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bench_stages(benchmark):
     rows = benchmark.pedantic(run, args=("llava-mini-vicuna-7b", "cuda", torch.bfloat16, (1, 16, 64), (43, 128),
-                                         (100, 1000), 10), rounds=1, iterations=1)
+                                         (100, 1000), PROTOCOL), rounds=1, iterations=1)
     print_table(rows)
-    print(write_results("stages", rows))
+    print(write_results("stages", rows, protocol=PROTOCOL.to_dict()))
 
 
 def main():
@@ -126,12 +138,14 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--text", type=int, nargs="+", default=[43, 128])
     parser.add_argument("--frames", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--budget", type=float, default=PROTOCOL.budget_s, help="seconds per comparison")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
-    rows = run(args.preset, args.device, dtype, args.batches, args.text, args.frames, args.repeats)
+    protocol = Protocol(rel_width=PROTOCOL.rel_width, budget_s=args.budget)
+    rows = run(args.preset, args.device, dtype, args.batches, args.text, args.frames, protocol)
     print_table(rows)
-    print(write_results("stages", rows, device=args.device, preset=args.preset, dtype=str(dtype)))
+    print(write_results("stages", rows, device=args.device, preset=args.preset, dtype=str(dtype),
+                        protocol=protocol.to_dict()))
 
 
 if __name__ == "__main__":

@@ -46,14 +46,15 @@ def decode_all(model, path: str, ids: list[int]):
     """The pre-streaming path, kept here to measure it: decode every frame, then select and preprocess."""
     import av
 
-    from llava_mini.lmm import video as V
+    from llava_mini.lmm import processing, video as V
 
     with av.open(path) as container:
         stream = container.streams.video[0]
         rate = float(stream.average_rate)
         frames = [V.to_rgb(f) for f in container.decode(stream)]
     picks = V.select_frames(len(frames), rate)
-    pixels = V.preprocess_frames([frames[i] for i in picks], model.config.crop_size, model.config.resolution_ratio)
+    pixels = processing.preprocess_video_frames([frames[i] for i in picks], model.image_processor,
+                                                model.config.resolution_ratio)
     del frames
     return model.encode(videos=[pixels], input_ids=[ids])
 

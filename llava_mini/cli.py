@@ -27,7 +27,8 @@ def cmd_bench(args) -> int:
     from llava_mini.profiling.results import RESULTS_DIR, device_slug
 
     plan = BenchPlan.for_device(args.device, preset=args.preset, baseline_preset=args.baseline,
-                                dtype=DTYPES.get(args.dtype), repeats=args.repeats,
+                                dtype=DTYPES.get(args.dtype), budget_s=args.budget, rel_width=args.width,
+                                threads=args.threads,
                                 batches=tuple(args.batches) if args.batches else None,
                                 frames=tuple(args.frames) if args.frames else None,
                                 backends=tuple(args.backends) if args.backends else None)
@@ -115,20 +116,23 @@ def cmd_profile(args) -> int:
 
     from llava_mini.lmm import LlavaMini
     from llava_mini.lmm.baseline import LlavaBaseline
+    from llava_mini.profiling.estimate import Protocol, clock_name
     from llava_mini.profiling.latency import random_inputs, stage_timings
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES[args.dtype or ("bf16" if device == "cuda" else "fp32")]
     cls = LlavaBaseline if args.model == "baseline" else LlavaMini
     model = cls.from_preset(args.preset, dtype=dtype, device=device)
-    timings = stage_timings(model, batch=args.batch, repeats=args.repeats, backend=args.backend)
+    protocol = Protocol(min_samples=args.repeats, max_samples=args.repeats)
+    timings = stage_timings(model, batch=args.batch, protocol=protocol, backend=args.backend)
+    print(f"ms: median [interval] (n samples), {clock_name(device)}")
     for stage, t in timings.items():
         if args.stage in (None, stage):
-            print(f"{stage:<16}{t.median_ms:>10.3f} ms  (p10 {t.p10_ms:.3f}, p90 {t.p90_ms:.3f}, {t.clock})")
+            print(f"{stage:<16}{t}")
     pixels, ids = random_inputs(model, args.batch, 43)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof, torch.no_grad():
-        model.generate(pixels, ids, max_new_tokens=4, stop_token_ids=[], backend=args.backend)
+        model.generate(pixels, ids, max_new_tokens=4, eos_token_id=None, backend=args.backend)
     Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(args.trace)
     print(prof.key_averages().table(sort_by="cuda_time_total" if device == "cuda" else "cpu_time_total", row_limit=15))
@@ -136,7 +140,22 @@ def cmd_profile(args) -> int:
     return 0
 
 
+class TokenStreamer:
+    """Prints token ids as they are decoded (for ``generate`` without a tokenizer; one sequence)."""
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1 and value.shape[0] > 1:
+            raise ValueError("streamer: prints one sequence; got a batch of several")
+        for token in value.flatten().tolist():  # the first call carries the prompt's ids: none here
+            print(token, end=" ", flush=True)
+
+    def end(self) -> None:
+        print()
+
+
 def cmd_generate(args) -> int:
+    from transformers import TextStreamer
+
     from llava_mini.lmm import IMAGE_TOKEN_INDEX, LlavaMini
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,14 +164,21 @@ def cmd_generate(args) -> int:
         model = LlavaMini.from_pretrained(args.checkpoint, dtype=dtype, device=device)
     else:
         model = LlavaMini.from_preset(args.preset, dtype=dtype, device=device)
+    # Only what was given: the rest comes from the checkpoint's generation_config.json.
+    options = {k: v for k, v in dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, top_p=args.top_p,
+                                     stop_strings=args.stop).items() if v is not None}
+    if args.temperature is not None:  # as the released scripts: 0 is greedy
+        options.update(do_sample=args.temperature > 0, **({"temperature": args.temperature} if args.temperature > 0 else {}))
+    beams = options.get("num_beams") or model.llm.generation_config.num_beams or 1
+    streamer = None  # transformers streams one beam only
+    if beams == 1:
+        streamer = TextStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True) if model.tokenizer else TokenStreamer()
     media = dict(videos=[args.video]) if args.video else dict(images=[args.image])
-    if args.prompt is not None:
-        tokens = model.generate(prompts=[args.prompt], max_new_tokens=args.max_new_tokens, backend=args.backend, **media)
-        print(model.decode(tokens)[0])
-    else:  # no tokenizer: a fixed id prompt around the image
-        tokens = model.generate(input_ids=[[1, IMAGE_TOKEN_INDEX, 3, 4, 5]], max_new_tokens=args.max_new_tokens,
-                                backend=args.backend, **media)
-        print(tokens[0].tolist())
+    prompt = dict(prompts=[args.prompt]) if args.prompt is not None else \
+        dict(input_ids=[[1, IMAGE_TOKEN_INDEX, 3, 4, 5]])  # no tokenizer: a fixed id prompt around the image
+    tokens = model.generate(**prompt, **media, **options, streamer=streamer, backend=args.backend)
+    if streamer is None:
+        print(model.decode(tokens)[0] if model.tokenizer else " ".join(map(str, tokens[0].tolist())))
     return 0
 
 
@@ -172,7 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backends", nargs="+", choices=BACKENDS)
     b.add_argument("--batches", nargs="+", type=int)
     b.add_argument("--frames", nargs="+", type=int)
-    b.add_argument("--repeats", type=int)
+    b.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="time budget of each comparison (default: 4 on CPU, 8 on GPU; the headline gets 3x)")
+    b.add_argument("--width", type=float, metavar="FRACTION",
+                   help="stop a comparison once its 95%% interval is narrower than this fraction of the median "
+                        "(default 0.05)")
+    b.add_argument("--threads", type=int, help="torch CPU threads during the run (default: 1 on CPU, unchanged on GPU)")
     b.add_argument("--out", help="report folder (default: ./bench/results/<device>/)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=cmd_bench)
@@ -198,18 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device")
     f.add_argument("--dtype", choices=DTYPES)
     f.add_argument("--batch", type=int, default=1)
-    f.add_argument("--repeats", type=int, default=5)
+    f.add_argument("--repeats", type=int, default=6, help="timed runs per stage (6 or more: a 95%% interval)")
     f.add_argument("--trace", default="out/trace.json")
     f.set_defaults(func=cmd_profile)
 
-    g = sub.add_parser("generate", help="run one image or video through a model")
+    g = sub.add_parser("generate", help="run one image or video through a model (streams the answer)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--image")
     src.add_argument("--video")
     g.add_argument("--checkpoint", help="a local checkpoint directory in the released layout")
     g.add_argument("--preset", default="tiny", help="random weights of a preset when no checkpoint is given")
     g.add_argument("--prompt", help="a text question (needs the checkpoint's tokenizer)")
-    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--max-new-tokens", type=int, help="default: the checkpoint's generation_config.json, else 20")
+    g.add_argument("--temperature", type=float, help="0: greedy; > 0: sampling at this temperature")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--num-beams", type=int, help="beam search (printed at the end, not streamed)")
+    g.add_argument("--stop", action="append", help="a stop string (repeatable; needs the checkpoint's tokenizer)")
     g.add_argument("--backend", choices=BACKENDS)
     g.add_argument("--device")
     g.add_argument("--dtype", choices=DTYPES)

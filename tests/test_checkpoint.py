@@ -33,7 +33,7 @@ def saved(tmp_path_factory):
 
 def run(model):
     torch.manual_seed(7)
-    return model.generate([torch.rand(3, 28, 28)], [[1, 4, IMG, 9]], max_new_tokens=5, stop_token_ids=[]), \
+    return model.generate([torch.rand(3, 28, 28)], [[1, 4, IMG, 9]], max_new_tokens=5, eos_token_id=None), \
         model.encode([torch.rand(3, 28, 28)], [[1, 4, IMG, 9]]).inputs_embeds
 
 
@@ -119,3 +119,43 @@ def test_released_config_without_our_extras_names_clip_l_336():
     config = config_from_json(released)
     assert config.vision == CLIP_VIT_L_336 and config.compressor_heads == 8 and config.template == "llama_3_1"
     assert config.text_config().num_key_value_heads == 8
+
+
+def test_released_config_fields_and_the_image_processor_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = LlavaMini.from_preset("tiny", image_aspect_ratio="square", tokenizer_model_max_length=1234)
+    model.image_processor.image_mean = [0.5, 0.25, 0.125]
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["image_aspect_ratio"] == "square" and config["tokenizer_model_max_length"] == 1234
+    assert (tmp_path / "preprocessor_config.json").is_file()
+    loaded = LlavaMini.from_pretrained(tmp_path)
+    assert loaded.config.image_aspect_ratio == "square" and loaded.config.tokenizer_model_max_length == 1234
+    assert list(loaded.image_processor.image_mean) == [0.5, 0.25, 0.125]
+
+
+def test_released_config_defaults_and_unsupported_aspect_ratio():
+    released = {"model_type": "llava_mini_llama", "mm_vision_tower": CLIP_L_336_NAME, "hidden_size": 64,
+                "num_attention_heads": 4, "vocab_size": 256}
+    config = config_from_json(released)
+    assert config.image_aspect_ratio == "square"  # no field: the released code runs the processor alone
+    assert config.tokenizer_model_max_length is None
+    config = config_from_json(dict(released, image_aspect_ratio="pad", tokenizer_model_max_length=2048))
+    assert config.image_aspect_ratio == "pad" and config.tokenizer_model_max_length == 2048
+    with pytest.raises(ValueError, match="image_aspect_ratio: expected one of"):
+        config_from_json(dict(released, image_aspect_ratio="anyres"))
+
+
+def test_weights_stored_in_float8_load_exactly_and_as_float32_by_default(tmp_path):
+    torch.manual_seed(0)
+    model = LlavaMini.from_preset("tiny")
+    with torch.no_grad():  # values on float8's grid survive the round trip exactly
+        for p in model.parameters():
+            p.copy_(p.to(torch.float8_e4m3fn).float())
+    model.save_pretrained(tmp_path, dtype=torch.float8_e4m3fn)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float8_e4m3fn"
+    loaded = LlavaMini.from_pretrained(tmp_path)
+    assert loaded.dtype == torch.float32
+    for a, b in zip(run(model), run(loaded)):
+        assert torch.equal(a, b)
+    assert LlavaMini.from_pretrained(tmp_path, dtype=torch.float64).dtype == torch.float64

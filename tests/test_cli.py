@@ -1,6 +1,7 @@
 """The `llava-mini` command: plan, bench (a tiny CPU run whose report must render), profile, generate."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -20,17 +21,28 @@ def test_plan_prints_a_prediction(capsys):
 
 def test_bench_runs_on_cpu_and_writes_the_report(tmp_path, capsys):
     code = main(["bench", "--device", "cpu", "--preset", "tiny", "--baseline", "tiny", "--batches", "1", "2",
-                 "--frames", "1", "2", "--repeats", "1", "--backends", "torch", "--out", str(tmp_path),
+                 "--frames", "1", "2", "--budget", "0", "--backends", "torch", "--out", str(tmp_path),
                  "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
     print(out)
-    assert "time_to_first_token_speedup" in out
+    headline = next(line for line in out.splitlines() if line.startswith("time_to_first_token_speedup:"))
+    assert re.fullmatch(r"time_to_first_token_speedup: \S+x \[\S+, \S+\] \(n=\d+\)", headline)
     results = json.loads((tmp_path / "report.json").read_text())
-    assert results["env"]["device"] == "cpu"
-    assert set(results["measured"]["mini"]["torch"]["stages_ms"]) >= {"vision_encoder", "compressor", "prefusion"}
-    assert [r["frames"] for r in results["measured"]["mini"]["torch"]["video"]["latency"]] == [1, 2]
-    assert "| stage |" in (tmp_path / "report.md").read_text()
+    assert results["env"]["device"] == "cpu" and results["protocol"]["budget_s"] == 0
+    stages = results["measured"]["stages"]
+    assert set(stages) >= {"vision_encoder", "compressor", "prefusion", "prefill"}
+    assert set(stages["vision_encoder"]) == {"mini", "baseline", "ratio"} and set(stages["compressor"]) == {"mini"}
+    for ratio in [stages["prefill"]["ratio"], *[v for v in results["summary"].values() if "median" in v]]:
+        assert ratio["unit"] == "x" and ratio["low"] <= ratio["median"] <= ratio["high"] and ratio["n"] >= 6
+        assert ratio["stopped_by"] in ("width", "budget", "max_samples")
+    assert results["summary"]["time_to_first_token_speedup"] == stages["prefill"]["ratio"]
+    assert "prefill_throughput_speedup_batch2" in results["summary"]
+    assert [r["frames"] for r in results["measured"]["video"]["latency"]] == [1, 2]
+    assert {c["check"] for c in results["checks"]} >= {"shared stage vision_encoder agrees", "figures plausible"}
+    assert results["noisy"] == (not all(c["ok"] for c in results["checks"]))
+    md = (tmp_path / "report.md").read_text()
+    assert "| stage |" in md and "## Self-checks" in md and "CUDA graph" not in md
     for png in tmp_path.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list(tmp_path.glob("*.png"))) == 4
@@ -43,12 +55,41 @@ def test_profile_writes_a_trace(tmp_path, capsys):
     assert json.loads(trace.read_text())["traceEvents"]
 
 
-def test_generate_on_an_image_file(tmp_path, capsys):
+def image_file(tmp_path):
     from PIL import Image
 
-    Image.fromarray((torch.rand(30, 30, 3) * 255).byte().numpy()).save(tmp_path / "x.png")
-    assert main(["generate", "--image", str(tmp_path / "x.png"), "--max-new-tokens", "3", "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.strip().startswith("[")
+    pixels = torch.rand(30, 30, 3, generator=torch.Generator().manual_seed(2))
+    Image.fromarray((pixels * 255).byte().numpy()).save(tmp_path / "x.png")
+    return str(tmp_path / "x.png")
+
+
+def test_generate_streams_token_ids_without_a_tokenizer(tmp_path, capsys):
+    from llava_mini.cli import TokenStreamer
+
+    streamer = TokenStreamer()
+    streamer.put(torch.tensor([7]))
+    assert capsys.readouterr().out == "7 "  # printed at once, not at the end
+    assert main(["generate", "--image", image_file(tmp_path), "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert 1 <= len(printed) <= 3 and all(t.isdigit() for t in printed)
+
+
+def test_generate_streams_the_checkpoints_text_and_decodes_beams(tmp_path, capsys, tiny_tokenizer):
+    from llava_mini.lmm import IMAGE_TOKEN_INDEX, LlavaMini
+
+    torch.manual_seed(0)
+    model = LlavaMini.from_preset("tiny")
+    model.tokenizer = tiny_tokenizer(model.config.text["vocab_size"])
+    model.save_pretrained(tmp_path / "ckpt")
+    image = image_file(tmp_path)
+    run = ["generate", "--image", image, "--checkpoint", str(tmp_path / "ckpt"), "--max-new-tokens", "6",
+           "--device", "cpu"]
+    answers = []
+    for extra, options in (([], {}), (["--num-beams", "4"], {"num_beams": 4})):
+        assert main(run + extra) == 0
+        answers.append(model.generate([image], [[1, IMAGE_TOKEN_INDEX, 3, 4, 5]], max_new_tokens=6, **options))
+        assert capsys.readouterr().out.strip() == model.decode(answers[-1])[0]
+    assert not torch.equal(*answers)  # so the beams did reach generate
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from llava_mini.kernels import backend
-from llava_mini.kernels.compress import (FusedResampler, choose_form, compress, compress_ref, compress_triton,
-                                         key_pos_embed, sincos_pos_embed_2d)
+from llava_mini.kernels.compress import (FusedResampler, choose_form, compress, compress_flops, compress_ref,
+                                         compress_triton, key_pos_embed, sincos_pos_embed_2d)
 from llava_mini.kernels.compress import triton as fused
 from llava_mini.lmm.compressor import Resampler
 
@@ -54,10 +54,11 @@ def make_x(batch, n, dim, dtype, layout, seed=1):
     return (x * 2 + 0.5).to(dtype)  # a non-zero mean, as CLIP features have
 
 
-def assert_close_to_fp64(out, x, weights, num_heads, eps=1e-6):
+def assert_close_to_fp64(out, x, weights, num_heads, eps=1e-6, **options):
     """flash-attention's rule: |out - ref64| <= 2 |ref_same_dtype - ref64| + small atol."""
-    ref64 = compress_ref(x.double(), *[w.double() for w in weights], num_heads, eps)
-    ref_same = compress_ref(x, *weights, num_heads, eps)
+    double = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in options.items()}
+    ref64 = compress_ref(x.double(), *[w.double() if w is not None else None for w in weights], num_heads, eps, **double)
+    ref_same = compress_ref(x, *weights, num_heads, eps, **options)
     assert out.shape == ref64.shape and out.dtype == x.dtype
     assert not out.isnan().any()
     fused_error = (out.double() - ref64).abs().max().item()
@@ -92,6 +93,59 @@ def test_fused_matches_fp64_reference(batch, n, dim, heads, grid, layout, form, 
     result = compress_triton(x, *weights, heads, 1e-6, form=form, splits=splits, out=out)
     assert result.data_ptr() == out.data_ptr()
     assert_close_to_fp64(out.cpu(), x.cpu(), [w.cpu() for w in weights], heads)
+
+
+RAGGED_CASES = [  # key_pos, query_pos, (h, w) per image, layout of x, packed
+    ("sincos", False, [(3, 5), (2, 2), (4, 4)], "transposed", False),  # MiniCPM-V 2.5/2.6: padded batch
+    ("sincos", False, [(3, 5), (1, 1), (5, 3)], "sliced", True),  # ... packed rows
+    ("sincos", True, [(2, 7), (2, 7)], "contiguous", False),  # MiniCPM-V 2.0, adaptive: non-square grid
+    ("resize", True, [(7, 2), (7, 2)], "transposed", False),  # MiniCPM-V 2.0: the table resized to (h, w)
+]
+
+
+def ragged_x(grids, dim, dtype, layout, packed):
+    """x for images of h x w tokens: padded [B, max h*w (+1), D] or packed [sum h*w, D], with cu_seqlens."""
+    lengths = [h * w for h, w in grids]
+    if not packed:
+        return make_x(len(grids), max(lengths) + 1, dim, dtype, layout), None
+    x = make_x(1, sum(lengths), dim, dtype, layout)[0]
+    return x, torch.tensor([0] + lengths).cumsum(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("form,splits", [("absorbed", 1), ("absorbed", 2), ("projected", None)])
+@pytest.mark.parametrize("key_pos,query_pos,grids,layout,packed", RAGGED_CASES)
+def test_ragged_grids_match_fp64_reference(key_pos, query_pos, grids, layout, packed, form, splits, dtype, device,
+                                           poisoned_workspace):
+    dim, heads = 40, 4
+    weights = [w.to(device) for w in make_weights(dim, 2)]  # 4 queries
+    x, cu_seqlens = ragged_x(grids, dim, dtype, layout, packed)
+    options = dict(query_pos=query_pos, key_pos=key_pos, grid_sizes=torch.tensor(grids), cu_seqlens=cu_seqlens)
+    out = compress_triton(x.to(device), *weights, heads, 1e-6, form=form, splits=splits, **options)
+    assert out.shape == (len(grids), 4, dim)
+    assert_close_to_fp64(out.cpu(), x, [w.cpu() for w in weights], heads, **options)
+
+
+def attn_masks(batch, heads, queries, n):
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.rand(queries, n, generator=g) < 0.3
+    hidden[:, 0] = False  # every query keeps a key
+    return {"bool [Q, N]": hidden, "float [B*H, Q, N]": torch.randn(batch * heads, queries, n, generator=g)}
+
+
+@pytest.mark.parametrize("mask_name", ["bool [Q, N]", "float [B*H, Q, N]"])
+@pytest.mark.parametrize("form,splits", [("absorbed", 1), ("absorbed", 3), ("projected", None)])
+def test_attn_mask_and_key_padding_mask_match_fp64_reference(mask_name, form, splits, device, poisoned_workspace):
+    batch, n, dim, heads = 3, 49, 40, 4
+    weights = [w.to(device) for w in make_weights(dim, 2)]
+    x = make_x(batch, n, dim, torch.float32, "transposed")
+    padding = torch.zeros(batch, n, dtype=torch.bool)
+    padding[0, 1:20] = True  # a whole block of rows, not the first key
+    padding[2, 30:] = True  # the last split
+    options = dict(attn_mask=attn_masks(batch, heads, 4, n)[mask_name], key_padding_mask=padding)
+    out = compress_triton(x.to(device), *weights, heads, 1e-6, form=form, splits=splits,
+                          **{k: v.to(device) for k, v in options.items()})
+    assert_close_to_fp64(out.cpu(), x, [w.cpu() for w in weights], heads, **options)
 
 
 def test_projected_form_in_batch_chunks(device, monkeypatch, poisoned_workspace):
@@ -298,6 +352,14 @@ def test_opcheck(grid, device):
     torch.library.opcheck(torch.ops.llava_mini.compress.default, (x, *weights, 4, 1e-6))
 
 
+def test_opcheck_packed_sincos(device):
+    weights = [w.to(device) for w in make_weights(72, 2)]
+    x, cu_seqlens = ragged_x([(2, 3), (3, 3)], 72, torch.float32, "contiguous", packed=True)
+    args = (x.to(device), weights[0], None, *weights[2:], 4, 1e-6, False, "sincos", torch.tensor([[2, 3], [3, 3]]),
+            cu_seqlens)
+    torch.library.opcheck(torch.ops.llava_mini.compress.default, args)
+
+
 def test_torch_compile_fullgraph(device):
     weights = [w.to(device) for w in make_weights(40, 1)]
     x = make_x(2, 9, 40, torch.float32, "contiguous").to(device)
@@ -322,6 +384,10 @@ def test_flop_counter_sees_the_op(device):
     # absorbed form (C=1): far fewer FLOPs than projecting K and V
     weights = [w.to(device) for w in make_weights(dim, 1)]
     assert 10 * flops_of(compress, x, *weights, heads) < flops_of(compress_ref, x, *weights, heads)
+    # a packed batch counts its T rows and its images
+    packed, cu_seqlens = ragged_x([(2, 3), (4, 4)], dim, torch.float32, "contiguous", packed=True)
+    counted = flops_of(lambda: compress(packed.to(device), *weights, heads, key_pos="none", cu_seqlens=cu_seqlens))
+    assert counted == compress_flops(2, 0, dim, 1, heads, "absorbed", rows=22)
 
 
 def bad(index, value):
@@ -335,11 +401,11 @@ def bad(index, value):
 @pytest.mark.parametrize("edit,error,match", [
     (bad(0, lambda x: x[0]), ValueError, r"x: expected shape \[B, N, D\]"),
     (bad(0, lambda x: x[:, :8]), ValueError, "x: expected a square number"),
-    (bad(0, lambda x: x.to(torch.int32)), TypeError, "x: expected float16, bfloat16 or float32"),
-    (bad(0, lambda x: x.double()), TypeError, "x: expected float16"),
+    (bad(0, lambda x: x.to(torch.int32)), TypeError, "x: expected float16, bfloat16, float32 or float64"),
     (bad(0, [[1.0]]), TypeError, "x: expected a torch.Tensor"),
-    (bad(1, lambda q: q[:, :20]), ValueError, r"query: expected shape \[C\^2, 40\]"),
-    (bad(1, lambda q: torch.zeros(2, 40)), ValueError, "query: expected a square number"),
+    (bad(1, lambda q: q[:, :20]), ValueError, r"query: expected shape \[Q, 40\]"),
+    (bad(1, lambda q: torch.zeros(2, 40)), ValueError, r"pos_embed: expected shape \[2, 40\]"),
+    (bad(2, lambda p: torch.zeros(2, 40)), ValueError, "pos_embed: expected a square number"),
     (bad(3, lambda w: w[:, :20]), ValueError, r"in_proj_weight: expected shape \[120, 40\]"),
     (bad(8, lambda w: w.to("meta")), ValueError, "ln_q_bias: expected a tensor on cpu"),
     (bad(10, lambda w: w.to(torch.int64)), TypeError, "ln_kv_bias: expected a floating-point"),

@@ -35,8 +35,8 @@ class ReleasedResampler(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(grid * grid, dim), requires_grad=False)
         self.query = nn.Parameter(torch.zeros(grid * grid, dim))
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.ln_q = nn.LayerNorm(dim, eps=1e-6)
-        self.ln_kv = nn.LayerNorm(dim, eps=1e-6)
+        self.ln_q = nn.LayerNorm(dim)  # PyTorch's default eps (1e-5), as the release builds it
+        self.ln_kv = nn.LayerNorm(dim)
 
     def forward(self, x):
         side = int(math.sqrt(x.shape[1]))
@@ -70,6 +70,11 @@ def test_resampler_matches_released_semantics(grid, n):
     out = ours(x)
     assert out.shape == (2, grid * grid, 64)
     torch.testing.assert_close(out, released(x), rtol=1e-10, atol=1e-10)
+
+
+def test_layernorm_eps_is_pytorchs_default():
+    resampler = Resampler(1, 32, 4)
+    assert resampler.ln_q.eps == resampler.ln_kv.eps == nn.LayerNorm(32).eps == 1e-5
 
 
 def test_state_dict_keys_are_the_released_ones():

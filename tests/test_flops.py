@@ -240,7 +240,7 @@ def test_counted_whole_model_generate_matches(case):
     L, G = 7, 3
     batch = 2 if case == "batch2" else 1
     frames = 5 if case == "video" else 1
-    kwargs = dict(input_ids=_ids(L, batch), max_new_tokens=G, stop_token_ids=[], backend="torch")
+    kwargs = dict(input_ids=_ids(L, batch), max_new_tokens=G, eos_token_id=None, backend="torch")
     if case == "video":
         kwargs["videos"] = [torch.rand(frames, 3, cfg.crop_size, cfg.crop_size)]
     elif case == "hd":
@@ -260,7 +260,7 @@ def test_counted_baseline_generate_matches(tiny):
     torch.manual_seed(0)
     model = LlavaBaseline.from_config(tiny)
     L, G = 6, 3
-    kwargs = dict(images=torch.rand(2, 3, 28, 28), input_ids=_ids(L, 2), max_new_tokens=G, stop_token_ids=[],
+    kwargs = dict(images=torch.rand(2, 3, 28, 28), input_ids=_ids(L, 2), max_new_tokens=G, eos_token_id=None,
                   backend="torch")
     measured = _counted(lambda: model.generate(**kwargs))
     cost = F.count_flops(tiny, model="baseline", convention="counted", batch=2, prompt_len=L, new_tokens=G,

@@ -16,34 +16,69 @@ def model():
     return LlavaMini.from_preset("tiny")
 
 
+PROCESSOR = processing.clip_image_processor(28)
+
+
 def test_pil_numpy_tensor_and_path_give_the_same_pixels(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "a.png")
     forms = [Image.fromarray(rgb), rgb, torch.from_numpy(rgb).permute(2, 0, 1), tmp_path / "a.png",
-             str(tmp_path / "a.png")]
-    pixels = [processing.preprocess_image(f, 28) for f in forms]
+             str(tmp_path / "a.png"), torch.from_numpy(rgb).permute(2, 0, 1).float() / 255]
+    pixels = [processing.preprocess_image(f, PROCESSOR) for f in forms]
     for p in pixels[1:]:
-        torch.testing.assert_close(p, pixels[0])
+        torch.testing.assert_close(p, pixels[0], atol=0, rtol=0)
     assert pixels[0].shape == (3, 28, 28)
 
 
-def test_clip_geometry_resizes_shortest_side_and_center_crops():
-    image = torch.zeros(3, 20, 40)
-    image[:, :, 15:25] = 1.0  # a white band in the middle quarter
-    out = processing.resize_center_crop(image, 10)
-    assert out.shape == (3, 10, 10)
-    # 20x40 -> 10x20, cropped to the middle 10 columns: the band lands on columns 2.5..7.5
-    assert out[:, :, 4:6].min() > 0.9 and out[:, :, 0].max() < 0.1 and out[:, :, 9].max() < 0.1
-    normalized = processing.normalize(torch.ones(3, 1, 1))
-    torch.testing.assert_close(normalized.flatten(), (1 - torch.tensor(processing.CLIP_MEAN)) / torch.tensor(processing.CLIP_STD))
+def test_processor_is_clip_l_336_at_the_crop_size_or_the_checkpoints(tmp_path):
+    assert PROCESSOR.crop_size == {"height": 28, "width": 28} and PROCESSOR.size == {"shortest_edge": 28}
+    assert tuple(PROCESSOR.image_mean) == processing.CLIP_MEAN and PROCESSOR.resample == Image.BICUBIC
+    custom = processing.clip_image_processor(28)
+    custom.image_mean = [0.5, 0.5, 0.5]
+    custom.save_pretrained(str(tmp_path))
+    assert list(processing.clip_image_processor(28, tmp_path).image_mean) == [0.5, 0.5, 0.5]
+    assert tuple(processing.clip_image_processor(28, tmp_path / "elsewhere").image_mean) == processing.CLIP_MEAN
 
 
-def test_hd_pixels_are_four_crops_then_the_global_view():
-    image = torch.rand(3, 56, 56)
-    pixels = processing.preprocess_image(image, 28, resolution_ratio=2)
+def test_pad_centres_the_image_on_a_square_of_the_mean_colour():
+    image = Image.new("RGB", (40, 20), (255, 255, 255))
+    padded = np.asarray(processing.pad_to_square(image, processing.mean_fill(PROCESSOR)))
+    assert padded.shape == (40, 40, 3)
+    fill = [int(m * 255) for m in processing.CLIP_MEAN]  # truncated, as released: (122, 116, 104)
+    assert (padded[:10] == fill).all() and (padded[30:] == fill).all() and (padded[10:30] == 255).all()
+    # through the processor, the padding band normalises to about zero, the image to (1 - mean) / std
+    pixels = processing.preprocess_image(image, PROCESSOR, pad=True)
+    assert pixels[:, :5].abs().max() < 0.02 and (pixels[:, 10:18] > 1.5).all()
+    assert (processing.preprocess_image(image, PROCESSOR, pad=False) > 1.5).all()  # no pad: all image
+
+
+def test_hd_splits_the_original_image_into_blocks_then_the_whole():
+    rgb = np.random.default_rng(1).integers(0, 256, (41, 57, 3), dtype=np.uint8)
+    blocks = processing.split_image(Image.fromarray(rgb), 2)
+    assert [b.size for b in blocks] == [(28, 20)] * 4 + [(57, 41)]
+    np.testing.assert_array_equal(np.asarray(blocks[1]), rgb[:20, 28:56])  # top-right, row-major
+    np.testing.assert_array_equal(np.asarray(blocks[2]), rgb[20:40, :28])  # bottom-left
+    pixels = processing.preprocess_image(rgb, PROCESSOR, resolution_ratio=2, pad=False)
     assert pixels.shape == (5, 3, 28, 28)
-    torch.testing.assert_close(pixels[1], processing.normalize(image[:, :28, 28:]))  # top-right crop
-    torch.testing.assert_close(pixels[2], processing.normalize(image[:, 28:, :28]))  # bottom-left crop
+    torch.testing.assert_close(pixels[1], processing.preprocess_image(blocks[1], PROCESSOR, pad=False), atol=0, rtol=0)
+
+
+def test_video_frames_are_resized_nearest_without_pad_and_split_for_hd():
+    frame = np.zeros((28, 56, 3), dtype=np.uint8)
+    frame[:, 28:] = 255  # left half black, right half white: squeezed, not padded or cropped
+    pixels = processing.preprocess_video_frames(iter([frame, frame]), PROCESSOR)
+    assert pixels.shape == (2, 3, 28, 28)
+    black, white = pixels[0, :, :, :13], pixels[0, :, :, 15:]
+    assert (black < -1.4).all() and (white > 1.5).all()
+    # first resized (nearest) to the released fixed 336 x 336, then through the processor as an image
+    big = np.repeat(np.repeat(frame, 12, axis=0), 6, axis=1)  # nearest 28 x 56 -> 336 x 336
+    torch.testing.assert_close(pixels[0], processing.preprocess_image(big, PROCESSOR, pad=False), atol=0, rtol=0)
+    hd = processing.preprocess_video_frames([frame], PROCESSOR, resolution_ratio=2)
+    assert hd.shape == (1, 5, 3, 28, 28)
+    assert (hd[0, 0] < -1.4).all() and (hd[0, 1] > 1.5).all()  # top-left block black, top-right white
+    torch.testing.assert_close(hd[0, 4], pixels[0], atol=0, rtol=0)  # the whole frame last
+    with pytest.raises(ValueError, match="video: expected at least one frame"):
+        processing.preprocess_video_frames([], PROCESSOR)
 
 
 def write_video(path, seconds=4, rate=10, size=32):
@@ -131,7 +166,7 @@ def test_wrong_image_tensor_shape(model, bad):
 
 
 def test_wrong_pixel_batch_shape(model):
-    with pytest.raises(ValueError, match=r"images: expected pixel values \[B, 3, 28, 28\]"):
+    with pytest.raises(ValueError, match=r"images: expected pixel values \[B > 0, 3, 28, 28\]"):
         model.embed_vision(torch.rand(2, 3, 27, 27))
 
 
@@ -154,15 +189,12 @@ def test_prompt_without_placeholder_and_mismatched_counts(model):
         model.encode([torch.rand(3, 28, 28)], prompts="hello")
 
 
-def test_bad_generation_arguments(model):
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        model.generate([torch.rand(3, 28, 28)], [[1, IMG]], max_new_tokens=0)
-    with pytest.raises(ValueError, match="top_p"):
-        model.generate([torch.rand(3, 28, 28)], [[1, IMG]], do_sample=True, top_p=1.5)
-
-
 def test_bad_config_values():
     with pytest.raises(ValueError, match="compressor_size"):
         LlavaMiniConfig.from_preset("tiny", compressor_size=0)
     with pytest.raises(ValueError, match="prefusion_layers"):
         LlavaMiniConfig.from_preset("tiny", prefusion_layers=-1)
+    with pytest.raises(ValueError, match="image_aspect_ratio: expected one of"):
+        LlavaMiniConfig.from_preset("tiny", image_aspect_ratio="anyres")
+    with pytest.raises(ValueError, match="tokenizer_model_max_length: expected a positive int or None"):
+        LlavaMiniConfig.from_preset("tiny", tokenizer_model_max_length=0)

@@ -160,8 +160,9 @@ def test_peak_memory_sees_a_transient_host_allocation():
         block = torch.ones(size // 4)  # touched, so resident
         del block
     assert peak.device_peak is None
-    # freed before the end, still seen at its peak (already-resident free pages may absorb a little of it)
-    assert 0.9 * size <= peak.host_above_start < size + 32 * MiB
+    # freed before the end, still seen at its peak (memory other tests' threads free meanwhile can
+    # absorb part of it; a peak that missed the block would show ~0)
+    assert 0.5 * size <= peak.host_above_start < size + 32 * MiB
 
 
 def test_plan_measure_reports_measured_memory_beside_the_prediction(capsys):

@@ -61,35 +61,6 @@ def test_batch_of_two_equals_each_alone():
         n = alone.inputs_embeds.shape[1]
         torch.testing.assert_close(batch.inputs_embeds[i, -n:], alone.inputs_embeds[0], atol=ATOL, rtol=0)
         assert batch.attention_mask[i, :-n].sum() == 0
-    tokens = model.generate(imgs, PROMPTS, max_new_tokens=6, stop_token_ids=[])
-    for i in range(2):
-        assert torch.equal(tokens[i], model.generate([imgs[i]], [PROMPTS[i]], max_new_tokens=6, stop_token_ids=[])[0])
-
-
-def test_greedy_generation_with_kv_cache_equals_without():
-    model = model_of()
-    imgs = images(2)
-    cached = model.generate(imgs, PROMPTS, max_new_tokens=8, stop_token_ids=[])
-    uncached = model.generate(imgs, PROMPTS, max_new_tokens=8, stop_token_ids=[], use_cache=False)
-    assert cached.shape == (2, 8)
-    assert torch.equal(cached, uncached)
-
-
-def test_stop_tokens_end_rows_and_pad_them():
-    model = model_of()
-    first = model.generate(images(1), [PROMPTS[0]], max_new_tokens=4, stop_token_ids=[])[0]
-    stopped = model.generate(images(1), [PROMPTS[0]], max_new_tokens=4, stop_token_ids=[int(first[0])])
-    assert stopped.shape == (1, 1) and stopped[0, 0] == first[0]
-
-
-def test_sampling_is_seeded_and_respects_top_k():
-    model = model_of()
-    kw = dict(max_new_tokens=5, do_sample=True, temperature=0.7, top_k=3, stop_token_ids=[])
-    a = model.generate(images(1), [PROMPTS[0]], generator=torch.Generator().manual_seed(3), **kw)
-    b = model.generate(images(1), [PROMPTS[0]], generator=torch.Generator().manual_seed(3), **kw)
-    assert torch.equal(a, b)
-    top1 = model.generate(images(1), [PROMPTS[0]], max_new_tokens=5, do_sample=True, top_k=1, stop_token_ids=[])
-    assert torch.equal(top1, model.generate(images(1), [PROMPTS[0]], max_new_tokens=5, stop_token_ids=[]))
 
 
 # --- pre-fusion semantics ---------------------------------------------------------------------------
@@ -222,35 +193,63 @@ def test_triton_backend_equals_the_reference_path(savings):
     imgs = images(2)
     ref = model.encode(imgs, PROMPTS, backend="torch").inputs_embeds
     torch.testing.assert_close(model.encode(imgs, PROMPTS, backend="triton").inputs_embeds, ref, atol=ATOL, rtol=0)
-    assert torch.equal(model.generate(imgs, PROMPTS, max_new_tokens=4, stop_token_ids=[], backend="triton"),
-                       model.generate(imgs, PROMPTS, max_new_tokens=4, stop_token_ids=[], backend="torch"))
+    assert torch.equal(model.generate(imgs, PROMPTS, max_new_tokens=4, eos_token_id=None, backend="triton"),
+                       model.generate(imgs, PROMPTS, max_new_tokens=4, eos_token_id=None, backend="torch"))
     video = model.encode(videos=[imgs], input_ids=[PROMPTS[0]], backend="triton").inputs_embeds
     torch.testing.assert_close(video, model.encode(videos=[imgs], input_ids=[PROMPTS[0]]).inputs_embeds,
                                atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("backend", ["torch", "sdpa", "triton"])
-def test_static_cache_decoding_equals_the_dynamic_cache(backend):
+# --- released semantics: id-0 rows, max length, HD video (issue: parity) ---------------------------
+ALL_SAVINGS = [dict(prefix_split=p, prune_last_layer=q) for p in (False, True) for q in (False, True)]
+
+
+def llm_position(ids, i, vision_tokens):
+    """Where prompt token i lands in the (unpadded) LLM input: after <image>, shifted by its tokens."""
+    p = ids.index(IMG)
+    return i if i < p else i - 1 + vision_tokens
+
+
+@pytest.mark.parametrize("savings", ALL_SAVINGS)
+def test_rows_with_id_0_get_their_plain_embedding_back_on_every_path(savings):
+    """Id 0 is masked in pre-fusion and its row is the plain embedding afterwards (images, batches, video)."""
+    model = model_of(**savings)
+    table = model.llm.get_input_embeddings().weight
+    prompts = [[1, 0, IMG, 7, 0, 8], [1, IMG, 9, 0, 10, 11, 12]]
+    out = model.encode(images(2), prompts)
+    video = model.encode(videos=[images(3)], input_ids=[prompts[0]])
+    for row, ids, count in [(out.inputs_embeds[0, -6:], prompts[0], 1), (out.inputs_embeds[1], prompts[1], 1),
+                            (video.inputs_embeds[0], prompts[0], 3)]:
+        for i, token in enumerate(ids):
+            if token == 0:  # the average of plain rows over video frames is the plain row
+                torch.testing.assert_close(row[llm_position(ids, i, count)], table[0], atol=0, rtol=0)
+            elif token != IMG:  # every other text row is fused
+                assert not torch.allclose(row[llm_position(ids, i, count)], table[token], atol=1e-3)
+
+
+def test_tokenizer_model_max_length_cuts_the_llm_input_and_warns():
     model = model_of()
-    imgs = images(2)
-    want = model.generate(imgs, PROMPTS, max_new_tokens=6, stop_token_ids=[], backend=backend)
-    got = model.generate(imgs, PROMPTS, max_new_tokens=6, stop_token_ids=[], backend=backend, static_cache=True)
-    assert torch.equal(got, want)
+    full = model.encode(images(2), PROMPTS)
+    model.config.tokenizer_model_max_length = 6
+    with pytest.warns(UserWarning, match=r"tokenizer_model_max_length: the LLM input \(8 positions\) is cut"):
+        cut = model.encode(images(2), PROMPTS)
+    assert cut.attention_mask.sum(-1).tolist() == [5, 6]  # only the longer prompt is cut
+    torch.testing.assert_close(cut.inputs_embeds[1], full.inputs_embeds[1, :6], atol=0, rtol=0)
+    torch.testing.assert_close(cut.inputs_embeds[0, 1:], full.inputs_embeds[0, 3:], atol=0, rtol=0)
 
 
-def test_cuda_graph_decoding_needs_cuda():
-    if torch.cuda.is_available():
-        pytest.skip("CPU-only check")
-    with pytest.raises(ValueError, match="cuda_graph: needs a CUDA device"):
-        model_of().generate(images(1), [PROMPTS[0]], max_new_tokens=2, cuda_graph=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["sdpa", "triton"])
-def test_cuda_graph_decoding_equals_the_dynamic_cache(backend):
-    torch.manual_seed(0)
-    model = LlavaMini.from_preset("tiny", dtype=torch.float32, device="cuda")
-    imgs = images(2)
-    want = model.generate(imgs, PROMPTS, max_new_tokens=8, stop_token_ids=[], backend=backend)
-    got = model.generate(imgs, PROMPTS, max_new_tokens=8, stop_token_ids=[], backend=backend, cuda_graph=True)
-    assert torch.equal(got, want)
+def test_hd_video_runs_each_frame_as_blocks_plus_the_whole():
+    frames = images(3, size=40)
+    loop = model_of("tiny-hd", **reference_savings()).encode(videos=[frames], input_ids=[PROMPTS[0]])
+    assert loop.inputs_embeds.shape == (1, 4 + 3 * 4, 64)  # L - 1 + T * C^2 with C = 2
+    model = model_of("tiny-hd")
+    pixels = model.prepare_video(frames)
+    assert pixels.shape == (3, 5, 3, 28, 28)
+    batched = model.encode(videos=[frames], input_ids=[PROMPTS[0]])
+    torch.testing.assert_close(batched.inputs_embeds, loop.inputs_embeds, atol=ATOL, rtol=0)
+    ready = model.encode(videos=[pixels], input_ids=[PROMPTS[0]])  # ready pixel values are taken as they are
+    torch.testing.assert_close(ready.inputs_embeds, batched.inputs_embeds, atol=0, rtol=0)
+    chunked = model_of("tiny-hd", frame_budget_bytes=1).encode(videos=[frames], input_ids=[PROMPTS[0]])
+    torch.testing.assert_close(chunked.inputs_embeds, loop.inputs_embeds, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match=r"video: expected pixel values \[B > 0, 5, 3, 28, 28\]"):
+        model.encode(videos=[pixels[:, 0]], input_ids=[PROMPTS[0]])

@@ -212,11 +212,32 @@ def test_varlen_prefusion_shapes_bf16(device):
     _assert_within_twice_torch_error(out, q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
 
 
+class _GridSpy:
+    """Stands in for an autotuned kernel: records the grid's second axis of each launch, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grid_rows = kernel, []
+
+    def __getitem__(self, grid):
+        self.grid_rows.append(grid({"BLOCK_M": 16})[1])
+        return self.kernel[grid]
+
+
+def _spy_on_launches(monkeypatch, dtype):
+    import llava_mini.kernels.prefusion.triton as kernel
+
+    name = "_fp32_kernel" if dtype == torch.float32 else "_half_kernel"
+    spy = _GridSpy(getattr(kernel, name))
+    monkeypatch.setattr(kernel, name, spy)
+    return spy
+
+
 def test_batches_beyond_the_grid_limit_are_launched_in_slices(monkeypatch, device):
     """batch x heads over CUDA's 65535 grid rows: the launcher slices the batch (limit lowered here)."""
     import llava_mini.kernels.prefusion.triton as kernel
 
     monkeypatch.setattr(kernel, "MAX_GRID_Y", 4)
+    spy = _spy_on_launches(monkeypatch, torch.float32)
     torch.manual_seed(0)
     q = torch.randn(5, 7, 2, 16, device=device)
     k = torch.randn(5, 9, 1, 16, device=device)
@@ -225,3 +246,57 @@ def test_batches_beyond_the_grid_limit_are_launched_in_slices(monkeypatch, devic
     out = kernel.prefusion_attention_triton(q, k, v, key_padding_mask=keep)
     want = prefusion_attention_ref(q.double(), k.double(), v.double(), key_padding_mask=keep)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)
+    assert spy.grid_rows == [4, 4, 2]
+
+
+def test_packed_batches_beyond_the_grid_limit_are_launched_in_slices(monkeypatch, device):
+    """The packed (varlen) path slices its sequences the same way: 5 sequences x 2 heads, 4 rows a launch."""
+    import llava_mini.kernels.prefusion.triton as kernel
+
+    monkeypatch.setattr(kernel, "MAX_GRID_Y", 4)
+    spy = _spy_on_launches(monkeypatch, torch.float32)
+    lengths_q, lengths_k = [5, 3, 1, 0, 4], [6, 3, 9, 2, 4]
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(sum(lengths_q), 2, 16, generator=gen).to(device)
+    k = torch.randn(sum(lengths_k), 1, 16, generator=gen).to(device)
+    v = torch.randn(sum(lengths_k), 1, 16, generator=gen).to(device)
+    cu_q = torch.tensor([0] + lengths_q, device=device).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lengths_k, device=device).cumsum(0).to(torch.int32)
+    out = torch.full_like(q, float("nan"))
+    kernel.prefusion_attention_triton(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=5, out=out)
+    want = prefusion_attention_ref(q.double(), k.double(), v.double(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)
+    assert spy.grid_rows == [4, 4, 2]
+
+
+@pytest.mark.parametrize("head_dim,padded", [(72, 80), (20, 32), (64, 64)])
+def test_head_dims_reach_the_kernel_in_16_element_rows(head_dim, padded, device):
+    """Rows of a multiple of 16 elements (aligned, so loads vectorise): others are zero-padded, exactly."""
+    import llava_mini.kernels.prefusion.triton as kernel
+    from llava_mini.kernels.aot import record_launches
+
+    q, k, v = _inputs(2, 23, 37, 4, 2, head_dim, torch.float32, device)
+    [launch] = record_launches(kernel, kernel.prefusion_attention_triton, q, k, v)
+    assert launch.args["HEAD_DIM"] == padded
+    for name, given in (("Q", q), ("K", k), ("V", v)):
+        t = launch.args[name]
+        assert t.data_ptr() % 16 == 0 and all(stride % 16 == 0 for stride in t.stride()[:-1])
+        assert torch.equal(t[..., :head_dim], given) and not t[..., head_dim:].any()
+        assert (t.data_ptr() == given.data_ptr()) == (padded == head_dim)  # aligned inputs are not copied
+    out = torch.full_like(q, float("nan"))
+    kernel.prefusion_attention_triton(q, k, v, out=out)
+    _assert_within_twice_torch_error(out, q, k, v)
+
+
+def test_no_fitting_config_names_the_arch_dtype_and_alternative():
+    """A head dim no config fits in shared memory: a clear error instead of OutOfResources at launch."""
+    import llava_mini.kernels.prefusion.triton as kernel
+
+    assert kernel.select_configs(torch.float32, 64, 86, 99 * 1024)
+    with pytest.raises(ValueError, match=r"sm_86.*float32 at head_dim 4096.*use backend='torch'"):
+        kernel.select_configs(torch.float32, 4096, 86, 99 * 1024)
+    # Where the 16-bit tiles fit and the fp32 ones do not, the error says so.
+    dim = next(d for d in (256, 512, 1024, 2048) if kernel.select_configs(torch.bfloat16, d, 86, 99 * 1024)
+               and not kernel.fitting_configs(kernel.FP32_CONFIGS, torch.float32, d, 86, 99 * 1024))
+    with pytest.raises(ValueError, match=r"sm_86.*float32 at head_dim .*use bfloat16 or float16 inputs"):
+        kernel.select_configs(torch.float32, dim, 86, 99 * 1024)

@@ -42,12 +42,95 @@ def test_markdown_has_the_comparison_table(results):
     assert "| stage | LLaVA-Mini FLOPs | baseline FLOPs |" in md
     for stage in F.STAGES:
         assert f"| {stage} |" in md
-    assert "| **total** |" in md and "VRAM per image (KV, fp32)" in md
-    # measured ms and their ratio: 3.0 + ... sums of the given stage ms
-    total_line = next(line for line in md.splitlines() if line.startswith("| **total** |"))
-    assert "| 2.2 | 2.5 | 1.14x |" in total_line  # mini 0.5+1.5+0.2, baseline 0.5+2.0
+    assert "| **total** (ms: time to first token) |" in md and "VRAM per image (KV, fp32)" in md
+    # plain medians are shown, but never a time ratio computed from them: only a paired one has an interval
+    llm = next(line for line in md.splitlines() if line.startswith("| llm_prefill |"))
+    assert llm.endswith("| 0.2 | 2 | - |")
     assert "Measured on **cpu**" in md
     assert "projection from datasheet ceilings" in md
+    assert "noisy run" not in md and "Self-checks" not in md  # nothing measured, nothing to check
+
+
+def estimate(median, low, high, unit="ms", n=12):
+    return {"median": median, "low": low, "high": high, "n": n, "confidence": 0.96, "stopped_by": "width",
+            "unit": unit}
+
+
+def measured_results(results, vision_ratio=estimate(1.0, 0.97, 1.03, "x"), tokens_per_s=estimate(50.0, 48.0, 52.0,
+                                                                                                   "tokens/s")):
+    """The analytic results with what ``llava-mini bench`` adds (paired figures as Estimate dicts)."""
+    ttft = estimate(2.0, 1.9, 2.1, "x")
+    r = json.loads(json.dumps(results))
+    for row in r["stages"]:
+        if row["stage"] == "llm_prefill":
+            row.update(mini_time=estimate(0.2, 0.19, 0.21), baseline_time=estimate(2.0, 1.9, 2.1),
+                       measured_ratio=estimate(10.0, 9.5, 10.5, "x"))
+    r["time_to_first_token"] = {"mini_time": estimate(3.0, 2.9, 3.1), "baseline_time": estimate(6.0, 5.8, 6.2),
+                                "measured_ratio": ttft}
+    r["shared_stages"] = {"vision_encoder": vision_ratio, "projector_576": estimate(1.01, 0.99, 1.02, "x")}
+    r["protocol"] = {"confidence": 0.95, "rel_width": 0.05, "budget_s": 4.0, "headline_budget_s": 12.0,
+                     "min_samples": 6, "clock": "cpu perf_counter"}
+    r["measured"] = {"stages": {"prefill": {"mini": estimate(3.0, 2.9, 3.1), "baseline": estimate(6.0, 5.8, 6.2),
+                                            "ratio": ttft}},
+                     "decode": {"mini": {"backend": "sdpa", "ttft_ms": estimate(3.0, 2.9, 3.1),
+                                         "ms_per_token": estimate(20.0, 19.0, 21.0), "tokens_per_s": tokens_per_s},
+                                "baseline": {"backend": "sdpa", "ttft_ms": estimate(6.0, 5.8, 6.2),
+                                             "ms_per_token": estimate(25.0, 24.0, 26.0),
+                                             "tokens_per_s": estimate(40.0, 38.0, 42.0, "tokens/s")},
+                                "ratio": estimate(1.25, 1.2, 1.3, "x")}}
+    r["summary"] = {"time_to_first_token_speedup": ttft,
+                    "decode_tokens_per_s": {"mini": tokens_per_s, "baseline": estimate(40.0, 38.0, 42.0, "tokens/s")}}
+    return r
+
+
+def test_measured_figures_are_printed_with_their_intervals(results):
+    md = Rp.render_markdown(measured_results(results))
+    llm = next(line for line in md.splitlines() if line.startswith("| llm_prefill |"))
+    assert llm.endswith("| 0.2 [0.19, 0.21] (n=12) | 2 [1.9, 2.1] (n=12) | 10x [9.5, 10.5] (n=12) |")
+    total = next(line for line in md.splitlines() if line.startswith("| **total**"))
+    assert total.endswith("| 3 [2.9, 3.1] (n=12) | 6 [5.8, 6.2] (n=12) | 2x [1.9, 2.1] (n=12) |")
+    assert "**time to first token speedup**: 2x [1.9, 2.1] (n=12), stopped by width" in md
+    assert "95% confidence interval" in md and "All 5 self-checks passed" in md and "noisy run" not in md
+
+
+def test_a_ratio_without_its_interval_is_refused(results, tmp_path):
+    bare = measured_results(results)
+    bare["summary"]["time_to_first_token_speedup"] = 2.0
+    with pytest.raises(ValueError, match=r"summary\[time_to_first_token_speedup\].*interval"):
+        Rp.render_markdown(bare)
+    with pytest.raises(ValueError, match="interval"):
+        Rp.render_report(bare, tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing written
+    bare = measured_results(results)
+    bare["stages"][0]["measured_ratio"] = 1.2
+    with pytest.raises(ValueError, match="measured_ratio"):
+        Rp.render_markdown(bare)
+
+
+@pytest.mark.parametrize("case, flagged", [
+    ("shared stage", "shared stage vision_encoder agrees"),  # CLIP 676 ms in one model, 45 ms in the other
+    ("unbounded", "figures plausible"),  # 6e12 tokens/s from a clamped difference of medians
+    ("non-positive", "figures plausible"),
+    ("dispersion", "dispersion low"),
+    ("few samples", "enough samples"),
+])
+def test_self_checks_flag_a_noisy_run(results, case, flagged):
+    r = measured_results(results)
+    decode = r["measured"]["decode"]["mini"]
+    if case == "shared stage":
+        r["shared_stages"]["vision_encoder"] = estimate(676 / 45, 12.0, 16.0, "x")
+    elif case == "unbounded":
+        decode["tokens_per_s"] = estimate(6e12, 5.9e12, 6.1e12, "tokens/s")
+    elif case == "non-positive":
+        decode["ms_per_token"] = estimate(-0.5, -1.0, 0.1)
+    elif case == "dispersion":
+        r["measured"]["stages"]["prefill"]["ratio"] = estimate(2.0, 0.1, 9.5, "x")
+    else:
+        decode["ttft_ms"] = dict(estimate(3.0, 2.9, 3.1, n=3), confidence=0.75)
+    checks = {c["check"]: c for c in Rp.self_checks(r)}
+    assert [name for name, c in checks.items() if not c["ok"]] == [flagged]
+    md = Rp.render_markdown(r)
+    assert md.splitlines()[0].endswith("(noisy run)") and f"| {flagged} | **FLAG** |" in md
 
 
 def test_report_files_and_valid_pngs(results, tmp_path):

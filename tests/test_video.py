@@ -257,11 +257,11 @@ def test_pipeline_keeps_order_raises_producer_errors_and_stops_when_closed():
 
 def test_frame_lists_and_pixel_tensors_stream_too(model):
     frames = [np.random.default_rng(i).integers(0, 256, (30, 40, 3), dtype=np.uint8) for i in range(7)]
-    clip_frames = V.open_video(frames, 28)
+    clip_frames = V.open_video(frames, model.image_processor)
     chunks = list(clip_frames.chunks(3, pipeline=False))
     assert [c.shape[0] for c in chunks] == [3, 3, 1]
     pixels = torch.cat(chunks)
-    views = list(V.open_video(pixels, 28).chunks(4))
+    views = list(V.open_video(pixels, model.image_processor).chunks(4))
     assert views[0].data_ptr() == pixels.data_ptr()  # ready pixels are sliced, never copied
     torch.testing.assert_close(model.encode(videos=[frames], input_ids=[PROMPT]).inputs_embeds,
                                model.encode(videos=[pixels], input_ids=[PROMPT]).inputs_embeds)
@@ -339,7 +339,7 @@ def test_context_beyond_max_position_embeddings_is_refused_before_the_work():
                                          r"the LLM's max_position_embeddings of 4,096"):
         model.encode(videos=[frames], input_ids=[PROMPT])
     model.encode(videos=[frames[:4_093]], input_ids=[PROMPT])  # exactly 4,096 positions fit
-    with pytest.raises(ValueError, match=r"context: 4,106 tokens \(a prompt of 4,096 \+ max_new_tokens 10\)"):
+    with pytest.raises(ValueError, match=r"context: 4,106 tokens \(a prompt of 4,096 \+ 10 new tokens\)"):
         model.generate(videos=[frames[:4_093]], input_ids=[PROMPT], max_new_tokens=10)
 
 

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 from torch import nn
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from llava_mini.kernels import backend as backends
 from llava_mini.lmm import processing
@@ -43,6 +43,7 @@ class LlavaBaseline(nn.Module):
         )
         hf_config._attn_implementation = "eager"
         self.model = LlavaForConditionalGeneration(hf_config)
+        self.image_processor = processing.clip_image_processor(config.crop_size)
 
     @classmethod
     def from_preset(cls, name: str, dtype: torch.dtype | None = None, device=None) -> "LlavaBaseline":
@@ -94,7 +95,8 @@ class LlavaBaseline(nn.Module):
     def encode(self, images=None, input_ids=None, *, attention_mask=None, backend: str | None = None) -> LLMInput:
         """What the LLM receives: the prompt with 576 projected CLIP tokens at ``<image>``, left-padded."""
         ids = processing.as_id_lists(input_ids, attention_mask)
-        pixels = processing.preprocess_images(images, self.config.crop_size) if not (
+        pixels = processing.preprocess_images(images, self.image_processor,
+                                              pad=self.config.image_aspect_ratio == "pad") if not (
             isinstance(images, torch.Tensor) and images.dim() == 4) else images
         if len(ids) == 1 and pixels.shape[0] > 1:
             ids = ids * pixels.shape[0]
@@ -112,15 +114,10 @@ class LlavaBaseline(nn.Module):
             return LLMInput.left_pad(rows)
 
     @torch.no_grad()
-    def generate(self, images=None, input_ids=None, *, attention_mask=None, max_new_tokens: int = 32,
-                 do_sample: bool = False, temperature: float = 1.0, top_k=None, top_p=None, stop_token_ids=None,
-                 use_cache: bool = True, generator=None, backend: str | None = None, static_cache: bool = False,
-                 cuda_graph: bool = False) -> torch.Tensor:
-        """Generate new tokens [B, n], as ``LlavaMini.generate``."""
+    def generate(self, images=None, input_ids=None, *, attention_mask=None,
+                 generation_config: GenerationConfig | None = None, backend: str | None = None, **generate_kwargs):
+        """Encode, then decode through the same path as ``LlavaMini.generate`` (same options, same
+        ``GenerationConfig`` handling; defaults from ``self.model.generation_config``): new tokens [B, n]."""
         with self.backend_scope(backend) as name:
             prompt = self.encode(images, input_ids, attention_mask=attention_mask, backend=name)
-            eos = self.model.config.text_config.eos_token_id
-            stops = stop_token_ids if stop_token_ids is not None else ([] if eos is None else [eos] if isinstance(eos, int) else eos)
-            return generate(self.model, prompt, max_new_tokens, do_sample, temperature, top_k, top_p, list(stops),
-                            self.model.config.text_config.pad_token_id or 0, use_cache, generator,
-                            static_cache=static_cache, cuda_graph=cuda_graph)
+            return generate(self.model, prompt, generation_config, **generate_kwargs)

@@ -1,7 +1,9 @@
 """The released checkpoint layout (``ICTNLP/llava-mini-*``) on a local directory.
 
 ``config.json`` (model_type ``llava_mini_llama``: the Llama fields plus ``mm_*``, ``compressor_size``,
-``prefusion_layer_num``) and safetensors shards with a ``model.safetensors.index.json``. Keys:
+``prefusion_layer_num``, ``resolution_ratio``, ``image_aspect_ratio``, ``tokenizer_model_max_length``),
+an optional ``preprocessor_config.json`` (the CLIP image processor) and safetensors shards with a
+``model.safetensors.index.json``. Keys:
 ``model.*`` / ``lm_head.*`` (Llama), ``model.mm_projector.{0,2}.*``, ``model.compressor.*``,
 ``model.prefusion_layers.{i}.*`` and ``model.vision_tower.vision_tower.vision_model.*`` (CLIP).
 """
@@ -15,7 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import GenerationConfig
 
+from llava_mini.lmm import processing
 from llava_mini.lmm.config import CLIP_VIT_L_336, LlavaMiniConfig
 
 MODEL_TYPE = "llava_mini_llama"
@@ -38,6 +42,7 @@ TEXT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atten
              "vocab_size", "rms_norm_eps", "max_position_embeddings", "rope_theta", "rope_scaling", "bos_token_id",
              "eos_token_id", "pad_token_id", "hidden_act", "tie_word_embeddings", "attention_bias", "mlp_bias",
              "head_dim")
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Buffers some releases store that this model recomputes.
 IGNORABLE_SUFFIXES = ("position_ids", "rotary_emb.inv_freq")
 
@@ -70,11 +75,14 @@ def config_to_json(config: LlavaMiniConfig, dtype: torch.dtype) -> dict:
         mm_hidden_size=config.vision["hidden_size"], mm_projector_type="mlp2x_gelu",
         mm_vision_select_layer=config.vision_feature_layer, mm_vision_select_feature="patch",
         compressor_size=config.compressor_size, prefusion_layer_num=config.prefusion_layers,
-        resolution_ratio=config.resolution_ratio, torch_dtype=str(dtype).removeprefix("torch."),
+        resolution_ratio=config.resolution_ratio, image_aspect_ratio=config.image_aspect_ratio,
+        torch_dtype=str(dtype).removeprefix("torch."),
         # Not in the release (it names a hub CLIP and fixes 8 heads); written so any config round-trips.
         llava_mini_vision_config=config.vision, compressor_heads=config.compressor_heads,
         llava_mini_template=config.template, llava_mini_name=config.name,
     )
+    if config.tokenizer_model_max_length is not None:
+        out["tokenizer_model_max_length"] = config.tokenizer_model_max_length
     return out
 
 
@@ -96,14 +104,21 @@ def config_from_json(d: dict) -> LlavaMiniConfig:
         compressor_heads=d.get("compressor_heads", 8), prefusion_layers=d.get("prefusion_layer_num", 4),
         resolution_ratio=d.get("resolution_ratio", 1), vision_feature_layer=d.get("mm_vision_select_layer", -2),
         template=template, name=d.get("llava_mini_name", Path(d.get("_name_or_path", "checkpoint")).name),
+        # Released code: a config without image_aspect_ratio runs the CLIP processor alone (no padding).
+        image_aspect_ratio=d.get("image_aspect_ratio") or "square",
+        tokenizer_model_max_length=d.get("tokenizer_model_max_length"),
     )
 
 
-def save_pretrained(model, path, max_shard_bytes: int = 2 << 30) -> None:
-    """Write ``model`` in the released layout: config.json, shards, index (and the tokenizer, if any)."""
+def save_pretrained(model, path, max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None) -> None:
+    """Write ``model`` in the released layout: config.json, shards, index, the image processor's
+    preprocessor_config.json (and the tokenizer, if any). ``dtype`` stores the weights in another
+    dtype (default: the model's)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {to_released(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    dtype = dtype or model.dtype
+    tensors = {to_released(k): (v.to(dtype) if v.is_floating_point() else v).detach().contiguous()
+               for k, v in model.state_dict().items()}
     shards: list[dict] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -120,7 +135,9 @@ def save_pretrained(model, path, max_shard_bytes: int = 2 << 30) -> None:
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (path / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (path / "config.json").write_text(json.dumps(config_to_json(model.config, model.dtype), indent=2))
+    (path / "config.json").write_text(json.dumps(config_to_json(model.config, dtype), indent=2))
+    model.image_processor.save_pretrained(str(path))
+    model.llm.generation_config.save_pretrained(str(path))  # generate's defaults
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(path))
 
@@ -156,7 +173,9 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
         raise ValueError(f"path: {str(path)!r} is not a checkpoint directory (no config.json)")
     d = json.loads((path / "config.json").read_text())
     config = config_from_json(d)
-    dtype = dtype or getattr(torch, d.get("torch_dtype") or "float32")
+    stored = getattr(torch, d.get("torch_dtype") or "float32")
+    # Weights stored in a dtype the model cannot compute in (e.g. float8) load as float32 by default.
+    dtype = dtype or (stored if stored in COMPUTE_DTYPES else torch.float32)
     model = cls.from_config(config, dtype=dtype, device=device)
     expected = model.state_dict()
     loaded, unexpected, misshapen = {}, [], []
@@ -178,7 +197,10 @@ def load_pretrained(cls, path, dtype=None, device=None, strict: bool = True):
     if unexpected:
         warnings.warn(f"checkpoint {str(path)!r}: unexpected keys ignored: {', '.join(unexpected)}")
     model.load_state_dict(loaded, strict=False)
+    model.image_processor = processing.clip_image_processor(config.crop_size, path)
     model.load_report = {"missing": missing, "unexpected": unexpected, "misshapen": misshapen}
+    if (path / "generation_config.json").is_file():  # generate's defaults, as released
+        model.llm.generation_config = GenerationConfig.from_pretrained(str(path))
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         from transformers import AutoTokenizer
 

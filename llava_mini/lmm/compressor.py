@@ -15,10 +15,11 @@ class Resampler(nn.Module):
     State-dict keys are the released ones: ``query, pos_embed, attn.in_proj_weight,
     attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias, ln_q.*, ln_kv.*``.
     The backend switch picks the path: ``"triton"`` runs the fused kernel, every other backend
-    the reference PyTorch path.
+    the reference PyTorch path. ``eps`` is the LayerNorms' (1e-5, PyTorch's default, as the
+    released Resampler is built).
     """
 
-    def __init__(self, grid_size: int, embed_dim: int, num_heads: int, eps: float = 1e-6):
+    def __init__(self, grid_size: int, embed_dim: int, num_heads: int, eps: float = 1e-5):
         super().__init__()
         self.grid_size = grid_size
         self.num_queries = grid_size ** 2

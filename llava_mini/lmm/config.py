@@ -12,6 +12,7 @@ IMAGE_TOKEN_INDEX = -200  # the released code's `<image>` placeholder id
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEMPLATES = ("vicuna_v1", "llama_3_1", "plain")
+ASPECT_RATIOS = ("pad", "square")  # the released config's image_aspect_ratio values LLaVA-Mini uses
 
 CLIP_VIT_L_336 = dict(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -71,6 +72,11 @@ class LlavaMiniConfig:
         resolution_ratio: 1 for 336 px; 2 for the HD model (2x2 crops plus the global view).
         vision_feature_layer: which CLIP hidden state feeds the model (-2 in the release).
         template: conversation template for text prompts (``vicuna_v1``, ``llama_3_1``, ``plain``).
+        image_aspect_ratio: ``"pad"`` pads each image (and each HD block) to a square with the CLIP
+            mean colour before the CLIP processor, as the released configs ask; ``"square"`` runs the
+            processor alone (what the released code does when a config lacks the field).
+        tokenizer_model_max_length: when set (released configs carry it), the LLM input of each
+            prompt is cut to this many positions, as released; ``encode`` warns when it cuts.
         name: the preset name, for reports.
     """
 
@@ -82,6 +88,8 @@ class LlavaMiniConfig:
     resolution_ratio: int = 1
     vision_feature_layer: int = -2
     template: str = "vicuna_v1"
+    image_aspect_ratio: str = "pad"
+    tokenizer_model_max_length: int | None = None
     name: str = "custom"
 
     def __post_init__(self):
@@ -97,6 +105,11 @@ class LlavaMiniConfig:
                 f"{self.vision['hidden_size']}")
         if self.template not in TEMPLATES:
             raise ValueError(f"template: expected one of {TEMPLATES}, got {self.template!r}")
+        if self.image_aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"image_aspect_ratio: expected one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
+        max_len = self.tokenizer_model_max_length
+        if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+            raise ValueError(f"tokenizer_model_max_length: expected a positive int or None, got {max_len!r}")
         layers = self.vision["num_hidden_layers"]
         if not -layers - 1 <= self.vision_feature_layer <= layers:
             raise ValueError(f"vision_feature_layer: {self.vision_feature_layer} out of range for {layers} layers")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import CLIPVisionModel, LlamaForCausalLM
+from transformers import CLIPVisionModel, GenerationConfig, LlamaForCausalLM
 
 from llava_mini.kernels import backend as backends
 from llava_mini.lmm import processing
@@ -66,6 +67,8 @@ class LlavaMini(nn.Module):
         self.savings = savings or Savings()
         self._backend: str | None = None
         self.tokenizer = None
+        # The CLIP image processor; a checkpoint's preprocessor_config.json replaces it on loading.
+        self.image_processor = processing.clip_image_processor(config.crop_size)
         text_config = config.text_config()
         text_config._attn_implementation = "eager"
         self.vision_tower = CLIPVisionModel(config.vision_config())
@@ -96,11 +99,13 @@ class LlavaMini(nn.Module):
 
         return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict)
 
-    def save_pretrained(self, path, max_shard_bytes: int = 2 << 30) -> None:
-        """Write the released layout: config.json, safetensors shards and their index (and the tokenizer)."""
+    def save_pretrained(self, path, max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None) -> None:
+        """Write the released layout: config.json, safetensors shards and their index, the image
+        processor's preprocessor_config.json (and the tokenizer). ``dtype`` stores the weights in
+        another dtype than the model's (e.g. bfloat16)."""
         from llava_mini.lmm.checkpoint import save_pretrained
 
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     @property
     def device(self) -> torch.device:
@@ -151,22 +156,27 @@ class LlavaMini(nn.Module):
         b = feats.shape[0]
         return feats[:, :r * r].reshape(b, r, r, g, g, -1).transpose(2, 3).reshape(b, r * g * r * g, -1)
 
-    def check_pixels(self, pixels) -> None:
+    def check_pixels(self, pixels, argument: str = "images") -> None:
+        """Pixel values must be [B, 3, S, S], or [B, r*r + 1, 3, S, S] for an HD model (B > 0)."""
         s, r = self.config.crop_size, self.config.resolution_ratio
         want = [3, s, s] if r == 1 else [r * r + 1, 3, s, s]
-        if not isinstance(pixels, torch.Tensor) or list(pixels.shape[1:]) != want or pixels.dim() != len(want) + 1:
+        if (not isinstance(pixels, torch.Tensor) or list(pixels.shape[1:]) != want or pixels.dim() != len(want) + 1
+                or pixels.shape[0] == 0):
             got = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
-            raise ValueError(f"images: expected pixel values [B, {', '.join(map(str, want))}], got {got}")
+            raise ValueError(f"{argument}: expected pixel values [B > 0, {', '.join(map(str, want))}], got {got}")
 
     def prepare_images(self, images) -> torch.Tensor:
         """A list of images (PIL, numpy, tensors [3, H, W], paths) -> pixel values on device.
 
+        Preprocessed as released: padded to a square when ``config.image_aspect_ratio`` is "pad",
+        HD models split into r x r blocks plus the whole image, then ``self.image_processor``.
         A batched tensor ([B, 3, S, S], HD [B, r*r+1, 3, S, S]) is taken as ready pixel values.
         """
         if isinstance(images, torch.Tensor) and images.dim() >= 4:
             pixels = images
         else:
-            pixels = processing.preprocess_images(images, self.config.crop_size, self.config.resolution_ratio)
+            pixels = processing.preprocess_images(images, self.image_processor, self.config.resolution_ratio,
+                                                  pad=self.config.image_aspect_ratio == "pad")
         self.check_pixels(pixels)
         return pixels.to(self.device, self.dtype)
 
@@ -177,7 +187,7 @@ class LlavaMini(nn.Module):
         middles of equal segments); ``fps`` scales the count and ``max_frames`` caps it. Frames are
         decoded, preprocessed and moved to the device one chunk at a time (``frame_chunks``).
         """
-        return open_video(video, self.config.crop_size, self.config.resolution_ratio, fps, max_frames)
+        return open_video(video, self.image_processor, self.config.resolution_ratio, fps, max_frames)
 
     def frame_chunks(self, frames: VideoFrames):
         """Consecutive chunks of frame pixels on the device: ``frame_chunk()`` frames at a time, or
@@ -249,11 +259,13 @@ class LlavaMini(nn.Module):
         """Frames per batched launch: the activation budget over a per-frame estimate."""
         t, v = self.config.text, self.config.vision
         itemsize = torch.finfo(self.dtype).bits // 8
-        rows = self.config.num_patches + self.config.tokens_per_image
+        r = self.config.resolution_ratio
+        crops = 1 if r == 1 else r * r + 1  # CLIP inputs per frame
+        rows = crops * self.config.num_patches + self.config.tokens_per_image
         kv = 2 * max(self.config.prefusion_layers, 1) * t["num_key_value_heads"] * (t["hidden_size"] // t["num_attention_heads"])
         prefusion = rows * (kv + 4 * t["hidden_size"] + 2 * t["intermediate_size"])
-        clip = (self.config.num_patches + 1) * (6 * v["hidden_size"] + v["intermediate_size"]) \
-            + v["num_attention_heads"] * (self.config.num_patches + 1) ** 2
+        clip = crops * ((self.config.num_patches + 1) * (6 * v["hidden_size"] + v["intermediate_size"])
+                        + v["num_attention_heads"] * (self.config.num_patches + 1) ** 2)
         return max(1, self.savings.frame_budget_bytes // ((prefusion + clip) * itemsize))
 
     # --- text ------------------------------------------------------------------------------------
@@ -306,8 +318,10 @@ class LlavaMini(nn.Module):
                 videos = list(videos) if isinstance(videos, (list, tuple)) else [videos]
                 ids = self.broadcast(ids, len(videos), "videos")
                 clips = [self.prepare_video(v, fps, max_frames) for v in videos]
+                cut = self.config.tokenizer_model_max_length  # truncation (as released) comes first
                 for clip, row in zip(clips, ids):
-                    self.check_context_length(clip.count * self.config.tokens_per_image + len(row) - 1,
+                    tokens = clip.count * self.config.tokens_per_image + len(row) - 1
+                    self.check_context_length(tokens if cut is None else min(tokens, cut),
                                               f"{clip.count:,} frames x {self.config.tokens_per_image} + "
                                               f"{len(row) - 1} text tokens")
                 fused = [self.fuse_video(clip, r) for clip, r in zip(clips, ids)]
@@ -324,10 +338,21 @@ class LlavaMini(nn.Module):
                 else:
                     fused = zip(*self.fuse_reference(vision, compressed, ids))
             image_pos = [self.image_position(r, i) for i, r in enumerate(ids)]
-            out = LLMInput.left_pad([torch.cat([text[:p], vis, text[p + 1:len(r)]])
-                                     for (vis, text), p, r in zip(fused, image_pos, ids)])
-        self.check_context_length(out.inputs_embeds.shape[1])
-        return out
+            out = LLMInput.left_pad(self.truncate([torch.cat([text[:p], vis, text[p + 1:len(r)]])
+                                                   for (vis, text), p, r in zip(fused, image_pos, ids)]))
+            self.check_context_length(out.inputs_embeds.shape[1])
+            return out
+
+    def truncate(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each prompt's LLM input cut to ``config.tokenizer_model_max_length`` positions (as released);
+        warns when it cuts."""
+        limit = self.config.tokenizer_model_max_length
+        longest = max(r.shape[0] for r in rows)
+        if limit is None or longest <= limit:
+            return rows
+        warnings.warn(f"tokenizer_model_max_length: the LLM input ({longest} positions) is cut to the config's "
+                      f"limit of {limit}, as the released code does; the tokens after it are dropped")
+        return [r[:limit] for r in rows]
 
     def check_context_length(self, tokens: int, detail: str = "") -> None:
         """Refuse a sequence longer than the LLM's ``max_position_embeddings`` (past it, RoPE
@@ -356,15 +381,21 @@ class LlavaMini(nn.Module):
         """The released pre-fusion over [vision ; compressed ; text] -> (vision tokens, fused text)."""
         text, valid = self.embed_text(ids)
         x = torch.cat([vision, compressed, text], dim=1)
-        valid = torch.cat([valid.new_ones(vision.shape[0], vision.shape[1] + compressed.shape[1]), valid], dim=1)
+        full_valid = torch.cat([valid.new_ones(vision.shape[0], vision.shape[1] + compressed.shape[1]), valid], dim=1)
         c = compressed.shape[1]
-        out = self.prefusion.reference(x, valid, self.savings.prune_last_layer, keep_last=c + text.shape[1])
-        return out[:, :c], out[:, c:]
+        out = self.prefusion.reference(x, full_valid, self.savings.prune_last_layer, keep_last=c + text.shape[1])
+        return out[:, :c], self.unfuse_invalid(out[:, c:], text, valid)
 
     def fuse_text(self, prefix: Prefix, ids):
         """Pre-fuse only the text rows against a prefix -> (vision tokens, fused text)."""
         text, valid = self.embed_text(ids)
-        return prefix.compressed, self.prefusion.text(prefix, text, valid)
+        return prefix.compressed, self.unfuse_invalid(self.prefusion.text(prefix, text, valid), text, valid)
+
+    @staticmethod
+    def unfuse_invalid(fused, text, valid):
+        """Rows with id <= 0 (padding, the placeholder, a real token with id 0) get their plain
+        (unfused) embedding back, as released."""
+        return torch.where(valid[..., None], fused, text)
 
     def fuse_video(self, frames, ids: list[int]):
         """One prompt over T frames: (all frames' tokens [T*C^2, d], fused text averaged over frames in fp32).
@@ -397,32 +428,44 @@ class LlavaMini(nn.Module):
     # --- generate ------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, images=None, input_ids=None, *, prompts=None, videos=None, prefix: Prefix | None = None,
-                 attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, stop_token_ids=None, use_cache: bool = True,
-                 static_cache: bool = False, cuda_graph: bool = False,
-                 generator: torch.Generator | None = None, fps: float = 1.0, max_frames: int | None = None,
-                 backend: str | None = None) -> torch.Tensor:
-        """Generate new tokens [B, n] (greedy, or sampling with temperature / top-k / top-p).
+                 attention_mask=None, generation_config: GenerationConfig | None = None, fps: float = 1.0,
+                 max_frames: int | None = None, backend: str | None = None, **generate_kwargs):
+        """Encode the inputs, then decode with transformers' ``generate`` from the fused embeddings.
 
-        Inputs as for ``encode``. Stops at ``stop_token_ids`` (default: the config's eos ids);
-        finished rows are padded with the pad id. ``decode`` turns the ids into text. Decode steps
-        use transformers' DynamicCache; ``static_cache`` a fixed-address cache, and ``cuda_graph``
-        (CUDA only) replays each step as one captured CUDA graph.
+        Inputs as for ``encode`` (``attention_mask`` is that of ``input_ids``). Decoding options
+        are transformers' (``generation_config`` and keyword arguments such as ``max_new_tokens``,
+        ``do_sample``, ``temperature``, ``top_p``, ``num_beams``, ``repetition_penalty``,
+        ``eos_token_id`` (None: never stop), ``use_cache``, ``cache_implementation="static"``,
+        ``streamer``, ``stopping_criteria``, ``stop_strings``); unset ones come from
+        ``self.llm.generation_config`` (a checkpoint's ``generation_config.json``, else the LLM
+        config's special tokens and transformers' defaults: greedy, 20 new tokens). ``stop_strings``
+        use ``self.tokenizer`` unless ``tokenizer=`` is given. Sampling draws from torch's global
+        generator: seed it with ``torch.manual_seed`` for reproducible samples. As in the released
+        code, the prompt is embeddings, so ``repetition_penalty`` sees only the new tokens.
+
+        Returns the new tokens only, [B, n] (the prompt went in as embeddings; ``decode`` gives
+        text); finished rows are padded with the pad id. ``return_dict_in_generate=True`` gives
+        transformers' output object instead.
         """
+        if self.tokenizer is not None:
+            generate_kwargs.setdefault("tokenizer", self.tokenizer)
         with self.backend_scope(backend) as name:
             prompt = self.encode(images, input_ids, prompts=prompts, videos=videos, prefix=prefix,
                                  attention_mask=attention_mask, fps=fps, max_frames=max_frames, backend=name)
-            self.check_context_length(prompt.inputs_embeds.shape[1] + max_new_tokens,
-                                      f"a prompt of {prompt.inputs_embeds.shape[1]:,} + max_new_tokens {max_new_tokens}")
-            return generate(self.llm, prompt, max_new_tokens, do_sample, temperature, top_k, top_p,
-                            self.stop_ids(stop_token_ids), self.llm.config.pad_token_id or 0, use_cache, generator,
-                            static_cache=static_cache, cuda_graph=cuda_graph)
+            length, new = prompt.inputs_embeds.shape[1], self.new_tokens(generation_config, generate_kwargs)
+            self.check_context_length(length + new, f"a prompt of {length:,} + {new:,} new tokens")
+            return generate(self.llm, prompt, generation_config, **generate_kwargs)
 
-    def stop_ids(self, stop_token_ids) -> list[int]:
-        if stop_token_ids is not None:
-            return list(stop_token_ids)
-        eos = self.llm.config.eos_token_id
-        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    def new_tokens(self, generation_config: GenerationConfig | None, generate_kwargs: dict) -> int:
+        """The most tokens ``generate`` may add: ``max_new_tokens``, else ``max_length`` (from an
+        embeddings-only prompt transformers counts new tokens in it), from the keyword arguments, else
+        ``generation_config``, else the LLM's."""
+        config = generation_config if isinstance(generation_config, GenerationConfig) else self.llm.generation_config
+        for name in ("max_new_tokens", "max_length"):
+            value = generate_kwargs.get(name, getattr(config, name, None))
+            if isinstance(value, int) and value >= 0:  # anything else: transformers' own error follows
+                return value
+        return 0
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Token ids [B, n] -> text (needs a tokenizer)."""

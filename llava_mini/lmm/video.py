@@ -20,7 +20,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -223,20 +223,15 @@ def decode_video(path: str | os.PathLike, fps: float = 1.0, max_frames: int | No
 
 
 # --- preprocess in chunks --------------------------------------------------------------------------
-def preprocess_frames(frames: list, crop_size: int, resolution_ratio: int = 1) -> torch.Tensor:
-    """RGB frames -> pixel values [T, 3, S, S] (HD: [T, r*r+1, 3, S, S]). The one call into the
-    image preprocessing, so the video geometry can change in one place."""
-    return torch.stack([processing.preprocess_image(f, crop_size, resolution_ratio) for f in frames])
-
-
 def new_chunk(rows: int, like: torch.Tensor, pin_memory: bool) -> torch.Tensor:
     """An empty chunk of ``rows`` frames shaped like one preprocessed frame (pinned for async copies)."""
     return torch.empty((rows, *like.shape), dtype=like.dtype, pin_memory=pin_memory)
 
 
-def pixel_chunks(frames: Iterable, count: int, size: int, crop_size: int, resolution_ratio: int = 1,
+def pixel_chunks(frames: Iterable, count: int, size: int, processor, resolution_ratio: int = 1,
                  pin_memory: bool = False) -> Iterator[torch.Tensor]:
-    """Preprocess ``count`` raw frames one at a time into chunks of ``size`` (the last may be shorter).
+    """Preprocess ``count`` raw frames one at a time into chunks of ``size`` (the last may be shorter),
+    each as the released video path does (``processing.preprocess_video_frames`` with ``processor``).
 
     Each frame is dropped as soon as it is preprocessed, and a chunk is dropped here once yielded,
     so this holds one chunk plus one raw frame.
@@ -246,7 +241,7 @@ def pixel_chunks(frames: Iterable, count: int, size: int, crop_size: int, resolu
         if seen == count:
             raise ValueError(f"video: more frames than the {count} expected")
         try:
-            row = preprocess_frames([frame], crop_size, resolution_ratio)[0]
+            row = processing.preprocess_video_frames([frame], processor, resolution_ratio)[0]
         except (ValueError, TypeError) as e:
             raise type(e)(f"video frame {seen}: {e}") from e
         del frame
@@ -329,7 +324,7 @@ class VideoFrames:
 
     name: str
     count: int
-    crop_size: int
+    processor: Any  # the CLIP image processor each raw frame goes through
     resolution_ratio: int = 1
     raw: Callable[[], Iterator] | None = None  # a fresh iterator over the raw frames (files, lists)
     pixels: torch.Tensor | None = None  # ready pixel values (sliced, never copied)
@@ -341,24 +336,26 @@ class VideoFrames:
             raise ValueError(f"size: expected a positive int, got {size!r}")
         if self.pixels is not None:
             return (self.pixels[i:i + size] for i in range(0, self.count, size))
-        chunks = pixel_chunks(self.raw(), self.count, size, self.crop_size, self.resolution_ratio, pin_memory)
+        chunks = pixel_chunks(self.raw(), self.count, size, self.processor, self.resolution_ratio, pin_memory)
         return pipelined(chunks) if pipeline else chunks
 
 
-def open_video(video, crop_size: int, resolution_ratio: int = 1, fps: float = 1.0,
+def open_video(video, processor, resolution_ratio: int = 1, fps: float = 1.0,
                max_frames: int | None = None) -> VideoFrames:
     """A video file, a list of frames, or ready pixel values -> ``VideoFrames`` (nothing decoded yet).
 
     Files follow the released frame selection (see ``select_frames``); a list is taken frame by
-    frame as given; a tensor [T, 3, S, S] (HD [T, r*r+1, 3, S, S]) is taken as ready pixel values.
+    frame as given; a tensor [T, 3, S, S] (HD [T, r*r+1, 3, S, S]; S the ``processor``'s crop size)
+    is taken as ready pixel values. Raw frames go through ``processor`` as the released video path does.
     """
     check_sampling(fps, max_frames)
+    crop_size = processor.crop_size["height"]
     if isinstance(video, VideoFrames):
         return video
     if isinstance(video, (str, os.PathLike)):
         info = probe(video)
         indices = select_frames(info.total_frames, info.avg_fps, fps, max_frames)
-        return VideoFrames(info.path, len(indices), crop_size, resolution_ratio,
+        return VideoFrames(info.path, len(indices), processor, resolution_ratio,
                            raw=lambda: decode_frames(info.path, indices, info.total_frames))
     if isinstance(video, torch.Tensor):
         want = [3, crop_size, crop_size] if resolution_ratio == 1 else [resolution_ratio ** 2 + 1, 3, crop_size, crop_size]
@@ -366,12 +363,12 @@ def open_video(video, crop_size: int, resolution_ratio: int = 1, fps: float = 1.
             shape = ", ".join(map(str, want))
             raise ValueError(f"video: a tensor must hold ready pixel values [T > 0, {shape}], got "
                              f"{list(video.shape)}; pass raw frames as a list")
-        return VideoFrames("pixels", video.shape[0], crop_size, resolution_ratio, pixels=video)
+        return VideoFrames("pixels", video.shape[0], processor, resolution_ratio, pixels=video)
     if isinstance(video, (list, tuple)):
         if len(video) == 0:
             raise ValueError("video: expected at least one frame, got an empty video")
         frames = list(video)
-        return VideoFrames("frames", len(frames), crop_size, resolution_ratio, raw=lambda: iter(frames))
+        return VideoFrames("frames", len(frames), processor, resolution_ratio, raw=lambda: iter(frames))
     raise TypeError(f"video: expected a file path, a list of frames or a pixel tensor, got {type(video).__name__}")
 
 

@@ -6,10 +6,11 @@ measured in the same process as the thing being compared.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from llava_mini.profiling.estimate import Protocol, sample_until, timer
 
 
 @dataclass
@@ -31,21 +32,12 @@ def device_name(device: torch.device | str | None = None) -> str:
     return "cpu"
 
 
-def time_ms(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time of ``fn()`` in ms; CUDA uses triton's do_bench (L2 flushed between runs)."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
+def time_ms(fn, device: torch.device, budget_s: float = 1.0) -> float:
+    """Median time of ``fn()`` in ms (``estimate.sample_until``: at least 6 runs, up to ``budget_s``).
 
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    A single figure, for a ceiling; a comparison of two things is ``estimate.paired_ratio``'s job.
+    """
+    return sample_until(timer(fn, device), Protocol(budget_s=budget_s, warmup=2)).median
 
 
 def measure_copy_gbps(device: torch.device, nbytes: int | None = None) -> float:

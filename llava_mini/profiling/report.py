@@ -12,9 +12,16 @@ Results dict (what :func:`analytic_results` builds and a benchmark run fills wit
       "budget_bytes": int, "plan": {"mini": Plan dict, "baseline": Plan dict},
       "roofline": {"ceilings": {"device", "matmul_tflops", "copy_gbps"}, "mini": [rows], "baseline": [rows]},
       "projection": {"label": str, "gpus": {...}},
+      # from ``llava-mini bench`` (profiling.compare); Estimate dicts: {median, low, high, n, confidence,
+      # stopped_by, unit}
+      "measured": {...}, "protocol": {...}, "shared_stages": {stage: Estimate},
+      "time_to_first_token": {"mini_time", "baseline_time", "measured_ratio"},
+      "summary": {name: Estimate (a ratio: never a bare number)}, "checks": [...], "noisy": bool,
     }
 
-Every key but ``stages`` is optional: a plot or section without its data is skipped.
+Stage rows may also carry ``mini_time``, ``baseline_time`` and ``measured_ratio`` (Estimate dicts
+from a paired comparison). Every key but ``stages`` is optional: a plot or section without its data
+is skipped.
 """
 
 from __future__ import annotations
@@ -27,8 +34,13 @@ from pathlib import Path
 from llava_mini.profiling import flops as F
 from llava_mini.profiling import memory as M
 from llava_mini.profiling import roofline as R
+from llava_mini.profiling.estimate import CONFIDENCE, format_estimate
 
 PLOTS = ("latency_vs_frames", "vram_vs_frames", "stage_breakdown", "roofline")
+DISPERSION_LIMIT = 0.2  # an interval wider than 20% of its median is flagged
+SHARED_TOLERANCE = 0.05  # shared stages agree when their ratio's interval reaches into [1/1.05, 1.05]
+# a time of 1 us to ~3 hours; a ratio within 1000x; rates up to 1e7 per second
+PLAUSIBLE = {"ms": (1e-3, 1e7), "x": (1e-3, 1e3), "tokens/s": (1e-4, 1e7), "images/s": (1e-4, 1e7)}
 
 
 def _sanitize(x):
@@ -120,6 +132,13 @@ def _fmt_ms(x):
     return "-" if x is None else f"{x:.3g}"
 
 
+def _cell(value, name: str) -> str:
+    """A measured figure: an Estimate dict with its interval, a plain number, or '-'."""
+    if value is None:
+        return "-"
+    return format_estimate(value, name) if isinstance(value, dict) else _fmt_ms(value)
+
+
 def _ratio(a, b):
     if a is None or b is None or not a or not b:
         return "-"
@@ -134,12 +153,25 @@ def _check(results: dict) -> None:
     for row in results["stages"]:
         if "stage" not in row:
             raise ValueError(f"results: a stages row has no 'stage' key: {row}")
+        if row.get("measured_ratio") is not None:
+            format_estimate(row["measured_ratio"], f"stages[{row['stage']}].measured_ratio")
+    for key, value in results.get("summary", {}).items():  # a ratio is never reported without its interval
+        for name, v in (value.items() if isinstance(value, dict) and "median" not in value else [(None, value)]):
+            format_estimate(v, f"summary[{key}]" + (f"[{name}]" if name else ""))
 
 
 def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
-    """The markdown report: comparison table per stage, VRAM per image, planner, roofline, projection."""
+    """The markdown report: self-check verdict, comparison table per stage, VRAM per image, planner,
+    roofline, projection, what ``llava-mini bench`` measured, and the self-checks."""
     _check(results)
-    out = [f"# {results.get('title', 'LLaVA-Mini report')}", ""]
+    checks = self_checks(results)
+    failed = [c for c in checks if not c["ok"]]
+    out = [f"# {results.get('title', 'LLaVA-Mini report')}" + (" (noisy run)" if failed else ""), ""]
+    if failed:
+        out += [f"**Noisy run**: {len(failed)} of {len(checks)} self-checks failed ({', '.join(c['check'] for c in failed)}); "
+                "see [Self-checks](#self-checks) before trusting a figure.", ""]
+    elif checks:
+        out += [f"All {len(checks)} self-checks passed (see [Self-checks](#self-checks)).", ""]
     env = results.get("env")
     if env:
         out += ["Measured on **{}** (torch {}, triton {}, transformers {}, commit {}).".format(
@@ -147,23 +179,24 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
     wl = results.get("workload", {})
     out += [f"FLOPs convention: `{results.get('convention', '?')}`; workload: "
             + ", ".join(f"{k}={v}" for k, v in wl.items()), ""]
+    out += _protocol_lines(results)
     out += ["## LLaVA-Mini vs the 576-token baseline, per stage", "",
-            "| stage | LLaVA-Mini FLOPs | baseline FLOPs | baseline / mini | LLaVA-Mini ms | baseline ms | baseline / mini |",
+            "| stage | LLaVA-Mini FLOPs | baseline FLOPs | baseline / mini | LLaVA-Mini ms | baseline ms | baseline / mini (paired) |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    tot = {"mini_flops": 0, "baseline_flops": 0, "mini_ms": None, "baseline_ms": None}
+    tot = {"mini_flops": 0, "baseline_flops": 0}
     for row in results["stages"]:
         mf, bf = row.get("mini_flops"), row.get("baseline_flops")
-        mm, bm = row.get("mini_ms"), row.get("baseline_ms")
-        out.append(f"| {row['stage']} | {_fmt_flops(mf)} | {_fmt_flops(bf)} | {_ratio(mf, bf)} | "
-                   f"{_fmt_ms(mm)} | {_fmt_ms(bm)} | {_ratio(mm, bm)} |")
+        name = row["stage"]
+        out.append(f"| {name} | {_fmt_flops(mf)} | {_fmt_flops(bf)} | {_ratio(mf, bf)} | "
+                   f"{_cell(row.get('mini_time') or row.get('mini_ms'), name)} | "
+                   f"{_cell(row.get('baseline_time') or row.get('baseline_ms'), name)} | "
+                   f"{_cell(row.get('measured_ratio'), name)} |")
         tot["mini_flops"] += mf or 0
         tot["baseline_flops"] += bf or 0
-        for k in ("mini_ms", "baseline_ms"):
-            if row.get(k) is not None:
-                tot[k] = (tot[k] or 0) + row[k]
-    out.append(f"| **total** | {_fmt_flops(tot['mini_flops'])} | {_fmt_flops(tot['baseline_flops'])} | "
-               f"{_ratio(tot['mini_flops'], tot['baseline_flops'])} | {_fmt_ms(tot['mini_ms'])} | "
-               f"{_fmt_ms(tot['baseline_ms'])} | {_ratio(tot['mini_ms'], tot['baseline_ms'])} |")
+    ttft = results.get("time_to_first_token", {})
+    out.append(f"| **total** (ms: time to first token) | {_fmt_flops(tot['mini_flops'])} | {_fmt_flops(tot['baseline_flops'])} | "
+               f"{_ratio(tot['mini_flops'], tot['baseline_flops'])} | {_cell(ttft.get('mini_time'), 'total')} | "
+               f"{_cell(ttft.get('baseline_time'), 'total')} | {_cell(ttft.get('measured_ratio'), 'total')} |")
     vpi = results.get("vram_per_image")
     if vpi:
         out.append(f"| VRAM per image (KV, {vpi.get('dtype', '')}) | {M.format_bytes(vpi['mini'])} | "
@@ -190,12 +223,16 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
                 f"{c.get('copy_gbps'):.4g} GB/s; {c.get('source', '')})", "",
                 "| model | stage | FLOP/byte | bound | floor ms | measured ms | measured / floor |",
                 "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
+        timed = {row["stage"]: row for row in results["stages"]}
+        timed["total"] = results.get("time_to_first_token", {})
         for m in ("mini", "baseline"):
             for r in roof.get(m, []):
                 inten = "-" if r.get("intensity") is None else f"{r['intensity']:.3g}"
-                over = "-" if r.get("over_floor") is None else f"{r['over_floor']:.3g}x"
+                t = timed.get(r["stage"], {}).get(f"{m}_time")  # measured / floor only with its interval
+                over = "-" if t is None or not r["floor_ms"] else format_estimate(
+                    {**t, **{k: t[k] / r["floor_ms"] for k in ("median", "low", "high")}, "unit": "x"}, r["stage"])
                 out.append(f"| {m} | {r['stage']} | {inten} | {r['bound']} | {r['floor_ms']:.3g} | "
-                           f"{_fmt_ms(r.get('measured_ms'))} | {over} |")
+                           f"{_cell(t or r.get('measured_ms'), r['stage'])} | {over} |")
         out.append("")
     proj = results.get("projection")
     if proj and proj.get("gpus"):
@@ -205,50 +242,156 @@ def render_markdown(results: dict, plots: dict[str, str] | None = None) -> str:
             out.append(f"| {g} | {v['ceilings']['tflops']:g} | {v['ceilings']['tbps']:g} | {v['total_ms']:.3g} |")
         out.append("")
     out += _measured_section(results)
+    out += _checks_section(checks)
     if plots:
         out += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
     return "\n".join(out)
 
 
-def _measured_section(results: dict) -> list[str]:
-    """Throughput, decode rate, video and memory per frame as measured by ``llava-mini bench``."""
-    measured = results.get("measured")
-    if not measured:
+def _protocol_lines(results: dict) -> list[str]:
+    p = results.get("protocol")
+    if not p:
         return []
-    out = ["## Measured in this run", "", "| model | backend | batch | prefill ms | images/s |",
-           "| --- | --- | ---: | ---: | ---: |"]
-    for model, runs in measured.items():
-        for backend, r in runs.items():
-            for t in r.get("prefill_throughput", []):
-                out.append(f"| {model} | {backend} | {t['batch']} | {t['prefill_ms']:.3g} | {t['images_per_s']:.3g} |")
-    out += ["", "| model | backend | time to first token ms | decode tokens/s | with CUDA graphs |",
-            "| --- | --- | ---: | ---: | ---: |"]
-    for model, runs in measured.items():
-        for backend, r in runs.items():
-            d, g = r.get("decode", {}), r.get("decode_cuda_graph")
-            graphed = "-" if g is None else (f"error: {g['error'][:60]}" if "error" in g else f"{g['tokens_per_s']:.3g}")
-            out.append(f"| {model} | {backend} | {d.get('ttft_ms', float('nan')):.3g} | "
-                       f"{d.get('tokens_per_s', float('nan')):.3g} | {graphed} |")
-    out += ["", "| model | backend | weights | bytes per added image and its prompt (measured) | intercept |",
-            "| --- | --- | ---: | ---: | ---: |"]
-    for model, runs in measured.items():
-        for backend, r in runs.items():
-            mem = r.get("memory_per_image")
-            if mem:
-                out.append(f"| {model} | {backend} | {r.get('weights_bytes', 0) / 2**20:.1f} MiB | "
-                           f"{mem['slope']:.0f} ({mem['method']}) | {mem['intercept']:.0f} |")
-    plan = results.get("plan", {}).get("mini", {})
-    rows = [(b, r["video"]) for b, r in measured.get("mini", {}).items() if "video" in r]
-    if rows:
-        out += ["", "| backend | frames: encode + prefill ms | KV bytes per added frame (measured) | planner |",
-                "| --- | --- | ---: | ---: |"]
-        for backend, v in rows:
-            lat = ", ".join(f"{x['frames']}: {x['ms']:.3g}" for x in v["latency"])
-            mem = v["memory_per_frame"]
-            out.append(f"| {backend} | {lat} | {mem['slope']:.0f} ({mem['method']}) | {plan.get('kv_per_frame', '-')} |")
-    for key, value in results.get("summary", {}).items():
-        if not isinstance(value, dict):
-            out.append(f"\n**{key.replace('_', ' ')}**: {value:.3g}x")
+    return [f"How to read the measured figures: each is a median with its {p['confidence']:.0%} confidence interval "
+            "`[low, high]` over n samples. A ratio compares two things measured in interleaved pairs "
+            f"({p.get('order', 'AB, BA, ...')}), taken per pair: the interval is that of the median ratio. Sampling "
+            f"stopped once the interval was narrower than {p['rel_width']:.0%} of the median, or after {p['budget_s']:g} s "
+            f"({p.get('headline_budget_s', p['budget_s']):g} s for the headline), at least {p['min_samples']} samples; "
+            f"clock: {p.get('clock', '?')}; torch threads: {p.get('threads', '?')}. Flags: see Self-checks."
+            + (f" The run took {p['run_seconds']['total']:.0f} s." if p.get("run_seconds") else ""), ""]
+
+
+def _measured_section(results: dict) -> list[str]:
+    """Backends, throughput, decode rate, memory and video as measured by ``llava-mini bench``."""
+    m = results.get("measured")
+    if not m:
+        return []
+    out = ["## Measured in this run", ""]
+    backends = m.get("backends", {})
+    if backends.get("rows"):
+        ref = backends["reference"]
+        out += [f"LLaVA-Mini's backends, time to first token, each paired against `{ref}` "
+                f"(chosen for the rest: `{backends['chosen']}`):", "",
+                f"| backend | prefill ms | speedup vs {ref} |", "| --- | ---: | ---: |"]
+        for b, r in backends["rows"].items():
+            out.append(f"| {b} | {_cell(r['prefill_ms'], b)} | {_cell(r.get(f'speedup_vs_{ref}'), b)} |")
+        out.append("")
+    if m.get("prefill_throughput"):
+        out += ["Prefill of a batch of images (encode + LLM), paired:", "",
+                "| batch | LLaVA-Mini ms | baseline ms | LLaVA-Mini images/s | baseline images/s | baseline / mini "
+                "| J/image mini | J/image baseline |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for t in m["prefill_throughput"]:
+            j = [("-" if t.get(f"{k}_joules_per_image") is None else f"{t[f'{k}_joules_per_image']:.3g}")
+                 for k in ("mini", "baseline")]
+            out.append(f"| {t['batch']} | {_cell(t['mini'], 'mini')} | {_cell(t['baseline'], 'baseline')} | "
+                       f"{_cell(t['mini_images_per_s'], 'mini')} | {_cell(t['baseline_images_per_s'], 'baseline')} | "
+                       f"{_cell(t['ratio'], 'ratio')} | {j[0]} | {j[1]} |")
+        out.append("")
+    d = m.get("decode")
+    if d:
+        out += ["Decoding, from the step times inside each generation (a generation's figure is the median of "
+                "its steps; n = generations, alternated between the models):", "",
+                "| model | backend | time to first token ms | ms per token | tokens/s |", "| --- | --- | ---: | ---: | ---: |"]
+        for name in ("mini", "baseline"):
+            r = d[name]
+            out.append(f"| {name} | {r.get('backend', '-')} | {_cell(r['ttft_ms'], name)} | "
+                       f"{_cell(r['ms_per_token'], name)} | {_cell(r['tokens_per_s'], name)} |")
+        out += ["", f"Decode speedup (baseline step / mini step, paired): {_cell(d['ratio'], 'decode')}", ""]
+    mem = m.get("memory", {})
+    if mem:
+        out += ["| model | backend | weights | bytes per added image and its prompt (measured) | intercept |",
+                "| --- | --- | ---: | ---: | ---: |"]
+        for name, r in mem.items():
+            slope = r["memory_per_image"]
+            out.append(f"| {name} | {r['backend']} | {r['weights_bytes'] / 2**20:.1f} MiB | "
+                       f"{slope['slope']:.0f} ({slope['method']}) | {slope['intercept']:.0f} |")
+        out.append("")
+    v = m.get("video")
+    if v:
+        plan = results.get("plan", {}).get("mini", {})
+        slope = v["memory_per_frame"]
+        out += [f"LLaVA-Mini video ({v['backend']}): encode + LLM prefill vs frames:", "",
+                "| frames | ms |", "| ---: | ---: |"]
+        out += [f"| {r['frames']} | {_cell(r['ms'], 'video')} |" for r in v["latency"]]
+        out += ["", f"KV bytes per added frame: {slope['slope']:.0f} measured ({slope['method']}), "
+                    f"{plan.get('kv_per_frame', '-')} planned.", ""]
+    summary = results.get("summary", {})
+    if summary:
+        out += ["### Headline (baseline time / LLaVA-Mini time)", ""]
+        for key, value in summary.items():
+            if isinstance(value, dict) and "median" not in value:
+                text = ", ".join(f"{k} {format_estimate(e, f'{key}.{k}')}" for k, e in value.items())
+            else:
+                text = f"{format_estimate(value, key)}, stopped by {value.get('stopped_by', '?')}"
+            out.append(f"- **{key.replace('_', ' ')}**: {text}")
+        out.append("")
+    return out
+
+
+def _estimates(tree, path: str = ""):
+    """(path, Estimate dict) for every Estimate-shaped dict inside ``tree``."""
+    if isinstance(tree, dict):
+        if {"median", "low", "high", "n"} <= set(tree):
+            yield path, tree
+            return
+        for k, v in tree.items():
+            yield from _estimates(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _estimates(v, f"{path}[{i}]")
+
+
+def _finite_positive(*xs) -> bool:
+    return all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in xs)
+
+
+def self_checks(results: dict) -> list[dict]:
+    """The report's self-checks, each ``{"check", "ok", "detail"}``; none without measurements.
+
+    - shared stages agree: a stage both models run identically (CLIP; the projector on the same 576
+      tokens) must take the same time: its paired ratio's interval must reach into
+      [1 / (1 + SHARED_TOLERANCE), 1 + SHARED_TOLERANCE];
+    - plausible figures: every median and interval end positive and finite, low <= median <= high,
+      times within 1 us .. ~3 h and ratios within 1000x (``PLAUSIBLE``);
+    - low dispersion: no interval wider than ``DISPERSION_LIMIT`` of its median;
+    - enough samples: every interval's coverage at least the nominal confidence.
+    """
+    found = list(_estimates(results.get("measured", {}), "measured"))
+    if not found and not results.get("shared_stages"):
+        return []
+    checks = []
+    lo, hi = 1 / (1 + SHARED_TOLERANCE), 1 + SHARED_TOLERANCE
+    for name, r in results.get("shared_stages", {}).items():
+        ok = _finite_positive(r["low"], r["high"]) and r["low"] <= hi and r["high"] >= lo
+        checks.append({"check": f"shared stage {name} agrees", "ok": ok,
+                       "detail": f"baseline / mini {format_estimate(r, name)}; the same work in both models: the "
+                                 f"interval should reach into [{lo:.3g}, {hi:.3g}]"})
+    bad, wide, few = [], [], []
+    for path, e in found:
+        low_bound, high_bound = PLAUSIBLE.get(e.get("unit"), (0, math.inf))
+        if not (_finite_positive(e["median"], e["low"], e["high"]) and e["low"] <= e["median"] <= e["high"]
+                and low_bound <= e["median"] <= high_bound):
+            bad.append(f"{path} = {e['median']!r} [{e['low']!r}, {e['high']!r}] {e.get('unit', '')}")
+        elif (e["high"] - e["low"]) / e["median"] > DISPERSION_LIMIT:
+            wide.append(f"{path} ({(e['high'] - e['low']) / e['median']:.0%})")
+        if e.get("confidence", 1.0) < CONFIDENCE:
+            few.append(f"{path} (n={e['n']}, coverage {e['confidence']:.0%})")
+    checks.append({"check": "figures plausible", "ok": not bad,
+                   "detail": "; ".join(bad) or f"all {len(found)} positive, finite, ordered and in range"})
+    checks.append({"check": "dispersion low", "ok": not wide,
+                   "detail": (f"intervals wider than {DISPERSION_LIMIT:.0%} of the median: " + ", ".join(wide)) if wide
+                   else f"every interval within {DISPERSION_LIMIT:.0%} of its median"})
+    checks.append({"check": "enough samples", "ok": not few,
+                   "detail": (f"coverage below {CONFIDENCE:.0%}: " + ", ".join(few)) if few
+                   else f"every interval covers the median with >= {CONFIDENCE:.0%}"})
+    return checks
+
+
+def _checks_section(checks: list[dict]) -> list[str]:
+    if not checks:
+        return []
+    out = ["## Self-checks", "", "| check | result | detail |", "| --- | --- | --- |"]
+    out += [f"| {c['check']} | {'ok' if c['ok'] else '**FLAG**'} | {c['detail']} |" for c in checks]
     return out + [""]
 
 

@@ -2,7 +2,7 @@
 
 Two forms, picked per shape by ``choose_form``:
 
-- ``"absorbed"`` (small H*C^2, e.g. C=1 or 2 with 8 heads at D=1024): the queries are parameters,
+- ``"absorbed"`` (small H*Q, e.g. C=1 or 2 with 8 heads at D=1024): the queries are parameters,
   so the key projection is folded into them. With ``xhat_n = (x_n - mean_n) * rstd_n``,
 
       score_hq(n) = A_hq . xhat_n + bias_hq(n)      A_hq = (W_k,h^T q_hq / sqrt(d_h)) * gamma_kv
@@ -14,10 +14,18 @@ Two forms, picked per shape by ``choose_form``:
   reads x once: LayerNorm statistics, scores, online softmax and the weighted sum of xhat per
   (head, query); a tiny GEMM after. Small batches split N over several programs (split-K style)
   whose partial softmax states are merged after.
-- ``"projected"`` (large H*C^2, e.g. C=8): K and V are projected with matmuls (the key position
-  term PE_k W_k^T + b_k is a cached [N, D] table) and attention runs through SDPA.
+  The key position term enters as ``bias_hq(n)``: a cached table [N, H*Q] (the resized query table
+  projected, plus a folded ``attn_mask``), or, for a 2-D sin-cos key grid, the sum of two small
+  tables: PE(i, j) = [s(j) ; s(i)] is separable, so bias(i, j) = col[j] + row[i] with col and row
+  [P, H*Q] computed once: any image size (h, w) costs no table traffic per image. Ragged batches
+  (per-image lengths, packed rows, a key padding mask) run in the same launch; padding rows are
+  never read.
+- ``"projected"`` (large H*Q, e.g. C=8 or MiniCPM-V's 64 queries x 28 heads): K and V are
+  projected with matmuls (the key position term projected once and cached) and attention runs
+  through SDPA.
 
 Everything that depends only on the weights is computed once and cached (see ``derived_weights``).
+The autotune configs (``ABSORBED_CONFIGS``) and the dispatch rule's budgets are data at the top.
 """
 
 from __future__ import annotations
@@ -26,21 +34,38 @@ import math
 import os
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from llava_mini.kernels.compress.ref import key_pos_embed, side_of
+from llava_mini.kernels.compress.ref import (KEY_POS_MODES, image_layout, key_pos_embed, score_mask, side_of,
+                                             sincos_1d, to_dense)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The absorbed kernel keeps a [pad(H*C^2), pad(D)] fp32 accumulator in registers; beyond this many
-# values it would spill, and the projected form wins anyway (H*C^2 approaching D).
-ABSORBED_MAX_ACCUMULATOR = 32 * 1024
 LOG2E = 1.4426950408889634
+
+# --- The dispatch rule's budgets (choose_form) -------------------------------------------------
+# The absorbed kernel keeps a [pad(H*Q), pad(D)] fp32 accumulator in registers; beyond this many
+# values it would spill, and the projected form wins anyway (H*Q approaching D).
+ABSORBED_MAX_ACCUMULATOR = 32 * 1024
+# Compiled kernels use 1-2 KB of shared memory beyond their two dot operands.
+SHARED_MEMORY_MARGIN = 4096
 # The projected form materialises LN(x), K and V; it runs over batch chunks of at most this many bytes.
 PROJECTED_CHUNK_BYTES = 2 << 30
+# Sin-cos key tables cover positions [0, P), P rounded up to a multiple of this (fewer rebuilds).
+SINCOS_POSITIONS_STEP = 64
+
+# --- The absorbed kernel's autotune configs --------------------------------------------------
+# The x tile and the accumulator both hold [*, D] fp32 rows: 8-16 warps spread them over enough
+# registers (4 warps spill heavily at D=1024). One stage keeps fp32 inputs within A100's shared
+# memory; configs that do not fit a device fail to compile there and the autotuner skips them.
+ABSORBED_CONFIGS = [dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                    for block_n in (16, 32) for warps in (8, 16) for stages in (1, 2)]
+# Under the interpreter autotuning is pointless: one config.
+INTERPRETER_CONFIGS = [dict(BLOCK_N=16, num_warps=4, num_stages=1)]
 
 
 def interpreting() -> bool:
@@ -59,18 +84,18 @@ def choose_form(num_heads: int, num_queries: int, dim: int, dtype: torch.dtype =
                 device: torch.device | str = "cpu") -> str:
     """``"absorbed"`` or ``"projected"`` for these shapes on ``device``.
 
-    Absorbed while (1) the per-program fp32 accumulator [pad(H*C^2), pad(D)] fits the register
-    budget (D=1024: H*C^2 <= 32, i.e. C=1 or 2 at 8 heads) and (2) the smallest kernel config's
-    shared memory, the two dot operands [16 + pad(H*C^2), pad(D)] in x's dtype plus a 4 KB margin
-    (compiled sizes are 1-2 KB over the operands), fits the device: bf16 at D=1024 needs 68 KB for
-    C=1 (every GPU since sm_80) and 100 KB for C=2 (A100/H100 class; projected on 99 KB GPUs).
+    Absorbed while (1) the per-program fp32 accumulator [pad(H*Q), pad(D)] fits the register
+    budget (D=1024: H*Q <= 32, i.e. C=1 or 2 at 8 heads) and (2) the smallest kernel config's
+    shared memory, the two dot operands [16 + pad(H*Q), pad(D)] in x's dtype plus a margin, fits the
+    device: bf16 at D=1024 needs 68 KB for C=1 (every GPU since sm_80) and 100 KB for C=2 (A100/H100
+    class; projected on 99 KB GPUs).
     """
     rows = max(16, triton.next_power_of_2(num_heads * num_queries))
     padded_dim = triton.next_power_of_2(dim)
     if rows * padded_dim > ABSORBED_MAX_ACCUMULATOR:
         return "projected"
     limit = max_shared_memory(torch.device(device))
-    shared = (16 + rows) * padded_dim * torch.empty((), dtype=dtype).element_size() + 4096
+    shared = (16 + rows) * padded_dim * torch.empty((), dtype=dtype).element_size() + SHARED_MEMORY_MARGIN
     return "absorbed" if limit is None or shared <= limit else "projected"
 
 
@@ -89,25 +114,36 @@ def target_programs(device: torch.device) -> int:
     return 1
 
 
+# ---------------------------------------------------------------------------------------------
+# Input checks. ``check_inputs`` looks at shapes, dtypes and devices only (so torch.compile traces
+# through it); ``Layout`` reads the per-image sizes (grid_sizes, cu_seqlens) and checks their values.
+# ---------------------------------------------------------------------------------------------
+
 def check_inputs(x, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
-                 ln_q_weight, ln_q_bias, ln_kv_weight, ln_kv_bias, num_heads) -> None:
+                 ln_q_weight, ln_q_bias, ln_kv_weight, ln_kv_bias, num_heads, *, query_pos=True, key_pos="resize",
+                 grid_sizes=None, cu_seqlens=None, key_padding_mask=None, attn_mask=None,
+                 dtypes=SUPPORTED_DTYPES) -> None:
     """Raise a ValueError/TypeError naming the first argument that does not fit."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 3:
-        raise ValueError(f"x: expected shape [B, N, D], got {list(x.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x: expected float16, bfloat16 or float32, got {x.dtype}")
-    _, n, dim = x.shape
-    side_of(n, "x")
+    packed = cu_seqlens is not None
+    if x.dim() != (2 if packed else 3):
+        raise ValueError(f"x: expected shape {'[T, D] (packed, with cu_seqlens)' if packed else '[B, N, D]'}, "
+                         f"got {list(x.shape)}")
+    if x.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        raise TypeError(f"x: expected {', '.join(names[:-1])} or {names[-1]}, got {x.dtype}")
+    dim = x.shape[-1]
     if not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
         raise ValueError(f"num_heads: expected a positive divisor of D={dim}, got {num_heads!r}")
     if not isinstance(query, torch.Tensor) or query.dim() != 2 or query.shape[1] != dim:
-        raise ValueError(f"query: expected shape [C^2, {dim}], got {_shape(query)}")
+        raise ValueError(f"query: expected shape [Q, {dim}], got {_shape(query)}")
     num_queries = query.shape[0]
-    side_of(num_queries, "query")
+    if key_pos not in KEY_POS_MODES:
+        raise ValueError(f"key_pos: expected one of {KEY_POS_MODES}, got {key_pos!r}")
+    needs_table = query_pos or key_pos == "resize"
     expected = {
-        "pos_embed": (pos_embed, [num_queries, dim]),
+        "query": (query, [num_queries, dim]),
         "in_proj_weight": (in_proj_weight, [3 * dim, dim]),
         "in_proj_bias": (in_proj_bias, [3 * dim]),
         "out_proj_weight": (out_proj_weight, [dim, dim]),
@@ -117,21 +153,102 @@ def check_inputs(x, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_wei
         "ln_kv_weight": (ln_kv_weight, [dim]),
         "ln_kv_bias": (ln_kv_bias, [dim]),
     }
-    for name, (tensor, shape) in {"query": (query, [num_queries, dim]), **expected}.items():
+    if needs_table:
+        if not isinstance(pos_embed, torch.Tensor) or pos_embed.dim() != 2:
+            raise ValueError(f"pos_embed: expected a [S*S, {dim}] position table (query_pos={query_pos}, "
+                             f"key_pos={key_pos!r}), got {_shape(pos_embed)}")
+        side_of(pos_embed.shape[0], "pos_embed")
+        expected["pos_embed"] = (pos_embed, [num_queries if query_pos else pos_embed.shape[0], dim])
+    for name, (tensor, shape) in expected.items():
         if not isinstance(tensor, torch.Tensor) or list(tensor.shape) != shape:
             raise ValueError(f"{name}: expected shape {shape} (D={dim} from x), got {_shape(tensor)}")
         if not tensor.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got {tensor.dtype}")
         if tensor.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} (the device of x), got {tensor.device}")
+    if key_pos == "sincos" and dim % 4:
+        raise ValueError(f"key_pos: the 2-D sin-cos key table needs D a multiple of 4, got D={dim}")
+    for name, tensor, shape in (("grid_sizes", grid_sizes, "[B, 2] (h, w) per image"),
+                                ("cu_seqlens", cu_seqlens, "[B+1] row offsets"),
+                                ("key_padding_mask", key_padding_mask, "[B, N] bool"),
+                                ("attn_mask", attn_mask, "[Q, N] or [B*H, Q, N]")):
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}: expected a tensor {shape}, got {type(tensor).__name__}")
+    if grid_sizes is not None and (grid_sizes.dim() != 2 or grid_sizes.shape[1] != 2 or grid_sizes.is_floating_point()):
+        raise ValueError(f"grid_sizes: expected an integer tensor [B, 2] of (h, w) per image, got "
+                         f"{grid_sizes.dtype} {list(grid_sizes.shape)}")
+    if packed:
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1 or cu_seqlens.is_floating_point():
+            raise ValueError(f"cu_seqlens: expected an integer tensor [B+1], got {cu_seqlens.dtype} {list(cu_seqlens.shape)}")
+        for name, tensor in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if tensor is not None:
+                raise ValueError(f"{name}: not supported with packed x (cu_seqlens); pass x padded as [B, N, D]")
+    batch = cu_seqlens.shape[0] - 1 if packed else x.shape[0]
+    if grid_sizes is not None and grid_sizes.shape[0] != batch:
+        raise ValueError(f"grid_sizes: expected one (h, w) per image ({batch}), got {grid_sizes.shape[0]}")
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or list(key_padding_mask.shape) != [batch, x.shape[1]]):
+        raise ValueError(f"key_padding_mask: expected a bool tensor {[batch, x.shape[1]]} (True = ignore), got "
+                         f"{key_padding_mask.dtype} {list(key_padding_mask.shape)}")
+    if attn_mask is not None:
+        shapes = ([num_queries, x.shape[1]], [batch * num_heads, num_queries, x.shape[1]])
+        if list(attn_mask.shape) not in shapes:
+            raise ValueError(f"attn_mask: expected shape {shapes[0]} or {shapes[1]} (nn.MultiheadAttention's), got "
+                             f"{list(attn_mask.shape)}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise TypeError(f"attn_mask: expected bool (True = not allowed) or float (added to the scores), got "
+                            f"{attn_mask.dtype}")
 
 
 def _shape(tensor) -> object:
     return list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
 
 
+@dataclass
+class Layout:
+    """The batch's per-image sizes, read once on the host.
+
+    ``lengths``: tokens per image (None: every image has all N rows); ``grids``: each image's (h, w)
+    key grid (None when no key position term); ``starts``: first row of each image in packed x.
+    """
+
+    batch: int
+    rows: int
+    lengths: list[int] | None
+    grids: list[tuple[int, int]] | None
+    starts: list[int] | None
+
+    @classmethod
+    def of(cls, x, key_pos, grid_sizes, cu_seqlens) -> "Layout":
+        lengths, grids = image_layout(x, grid_sizes, cu_seqlens, need_grids=key_pos != "none")
+        if any(n < 1 for n in lengths):
+            raise ValueError(f"{'cu_seqlens' if cu_seqlens is not None else 'grid_sizes'}: every image needs at least "
+                             f"one token, got per-image counts {lengths}")
+        if cu_seqlens is not None:
+            starts = cu_seqlens.cpu().tolist()
+            if starts[0] != 0 or starts[-1] != x.shape[0]:
+                raise ValueError(f"cu_seqlens: expected offsets from 0 to T={x.shape[0]}, got {starts[0]} .. {starts[-1]}")
+            return cls(len(lengths), max(lengths, default=0), lengths, grids, starts[:-1])
+        if max(lengths, default=0) > x.shape[1]:
+            raise ValueError(f"grid_sizes: an image has {max(lengths)} tokens (h*w) but x holds {x.shape[1]} per image")
+        full = all(n == x.shape[1] for n in lengths)
+        return cls(x.shape[0], x.shape[1], None if full else lengths, grids, None)
+
+    def key_extent(self, key_pos: str):
+        """What the cached key tables depend on: the one resize grid, or the sin-cos positions P."""
+        if key_pos == "resize":
+            if len(set(self.grids)) > 1:
+                raise ValueError(f"grid_sizes: key_pos='resize' resizes one table for the batch; got different grids "
+                                 f"{sorted(set(self.grids))} (run them in separate calls)")
+            return self.grids[0] if self.grids else None
+        if key_pos == "sincos":
+            needed = max((max(h, w) for h, w in self.grids), default=1)
+            return triton.cdiv(needed, SINCOS_POSITIONS_STEP) * SINCOS_POSITIONS_STEP
+        return None
+
+
 # ---------------------------------------------------------------------------------------------
-# Weight-derived tensors, cached per (weights, their versions, N, dtype, device, form).
+# Weight-derived tensors, cached per (weights, their versions, dtype, device, form, key position).
 # In-place edits (optimizer steps, load_state_dict, `with no_grad(): w.copy_(...)`) bump a tensor's
 # `_version` and so refresh the entry; edits through `.data` bypass the version counter: call
 # `clear_cache()` after those.
@@ -146,33 +263,43 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def derived_weights(form: str, dtype: torch.dtype, n: int, weights: list[torch.Tensor],
-                    num_heads: int, eps: float) -> dict:
-    """The cached weight-derived tensors of ``form`` for inputs of ``dtype`` with ``n`` tokens."""
-    key = (form, dtype, n, num_heads, eps) + tuple((id(w), w.data_ptr(), w._version) for w in weights)
+def derived_weights(form: str, dtype: torch.dtype, weights: list, num_heads: int, eps: float, query_pos: bool,
+                    key_pos: str, key_extent) -> dict:
+    """The cached weight-derived tensors of ``form`` for inputs of ``dtype``.
+
+    ``weights`` is the op's weight list (``pos_embed`` may be None); ``key_extent`` is
+    ``Layout.key_extent(key_pos)``.
+    """
+    present = [w for w in weights if w is not None]
+    key = ((form, dtype, num_heads, eps, query_pos, key_pos, key_extent)
+           + tuple((id(w), w.data_ptr(), w._version) if w is not None else None for w in weights))
     entry = _CACHE.get(key)
     # id() and data_ptr() can be reused after a tensor dies: the weak references tell.
-    if entry is not None and all(ref() is w for ref, w in zip(entry[0], weights)):
+    if entry is not None and all(ref() is w for ref, w in zip(entry[0], present)):
         _CACHE.move_to_end(key)
         return entry[1]
-    derived = _derive_weights(form, dtype, n, *weights, num_heads=num_heads, eps=eps)
-    _CACHE[key] = ([weakref.ref(w) for w in weights], derived)
+    derived = _derive_weights(form, dtype, *weights, num_heads=num_heads, eps=eps, query_pos=query_pos,
+                              key_pos=key_pos, key_extent=key_extent)
+    _CACHE[key] = ([weakref.ref(w) for w in present], derived)
     if len(_CACHE) > _CACHE_ENTRIES:
         _CACHE.popitem(last=False)
     return derived
 
 
 @torch.no_grad()
-def _derive_weights(form, dtype, n, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_weight,
-                    out_proj_bias, ln_q_weight, ln_q_bias, ln_kv_weight, ln_kv_bias, *, num_heads, eps):
-    """Everything that depends only on the weights, in fp32 math, stored in ``dtype``."""
+def _derive_weights(form, dtype, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+                    ln_q_weight, ln_q_bias, ln_kv_weight, ln_kv_bias, *, num_heads, eps, query_pos, key_pos,
+                    key_extent):
+    """Everything that depends only on the weights, in fp32 math, stored in ``dtype`` (or fp32 for
+    the score biases)."""
     num_queries, dim = query.shape
     head_dim = dim // num_heads
-    q_in = F.layer_norm(query.float(), (dim,), ln_q_weight.float(), ln_q_bias.float(), eps) + pos_embed.float()
+    q_in = F.layer_norm(query.float(), (dim,), ln_q_weight.float(), ln_q_bias.float(), eps)
+    if query_pos:
+        q_in = q_in + pos_embed.float()
     w_q, w_k, w_v = in_proj_weight.float().chunk(3)
     b_q, b_k, b_v = in_proj_bias.float().chunk(3)
     q = F.linear(q_in, w_q, b_q).view(num_queries, num_heads, head_dim).transpose(0, 1)  # [H, Q, hd]
-    pe_k = key_pos_embed(pos_embed, n).float()  # [N, D]
     gamma, beta = ln_kv_weight.float(), ln_kv_bias.float()
     out = {"out_proj_weight": out_proj_weight.to(dtype), "out_proj_bias": out_proj_bias.to(dtype)}
     if form == "absorbed":
@@ -180,7 +307,7 @@ def _derive_weights(form, dtype, n, query, pos_embed, in_proj_weight, in_proj_bi
         absorbed = torch.einsum("hqe,hed->hqd", q, w_k.view(num_heads, head_dim, dim))
         absorbed = absorbed.reshape(num_heads * num_queries, dim) * (LOG2E / math.sqrt(head_dim))
         out["queries"] = (absorbed * gamma).to(dtype).contiguous()  # [H*Q, D], h-major
-        out["key_bias"] = (pe_k @ absorbed.T).contiguous()  # [N, H*Q] fp32
+        key_projection = absorbed  # position -> score bias, [H*Q, D]
         # The values are y * gamma + beta (sum of softmax weights = 1): fold gamma, beta into W_v, b_v.
         out["value_weight"] = (w_v * gamma).to(dtype).view(num_heads, head_dim, dim)
         out["value_bias"] = (w_v @ beta + b_v).to(dtype).view(num_heads, 1, head_dim)
@@ -188,38 +315,53 @@ def _derive_weights(form, dtype, n, query, pos_embed, in_proj_weight, in_proj_bi
         out["queries"] = q.to(dtype).contiguous()  # [H, Q, hd]
         out["ln_weight"], out["ln_bias"] = ln_kv_weight.to(dtype), ln_kv_bias.to(dtype)
         out["key_weight"], out["value_weight"] = w_k.to(dtype), w_v.to(dtype)
-        out["key_bias"] = (pe_k @ w_k.T + b_k).to(dtype)  # [N, D]: the position table, projected
-        out["value_bias"] = b_v.to(dtype)
+        out["key_bias"], out["value_bias"] = b_k.to(dtype), b_v.to(dtype)
+        key_projection = w_k  # position -> key, [D, D]
+    device = query.device
+    if key_pos == "resize" and key_extent is not None:
+        table = key_pos_embed(pos_embed, key_extent).float()  # [h*w, D]
+        out["key_table"] = (table @ key_projection.T).contiguous()  # [h*w, H*Q] score bias / [h*w, D] keys
+    elif key_pos == "sincos":
+        sincos = sincos_1d(dim // 2, key_extent).to(device)  # [P, D/2]; PE(i, j) = [s(j) ; s(i)]
+        columns, rows = key_projection[:, :dim // 2], key_projection[:, dim // 2:]
+        out["key_grid"] = torch.stack([sincos @ columns.T, sincos @ rows.T]).contiguous()  # [2, P, H*Q or D]
     return out
 
 
 # ---------------------------------------------------------------------------------------------
-# The absorbed kernel: one program per (image, split of N).
+# The absorbed kernel: one program per (image, split of its rows).
 # ---------------------------------------------------------------------------------------------
 
 def _configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4)]
-    # The x tile and the accumulator both hold [*, D] fp32 rows: 8-16 warps spread them over enough
-    # registers (4 warps spill heavily at D=1024). One stage keeps fp32 inputs within A100's shared
-    # memory; configs that do not fit a device fail to compile there and the autotuner skips them.
-    return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-            for block_n in (16, 32) for warps in (8, 16) for stages in (1, 2)]
+    chosen = INTERPRETER_CONFIGS if interpreting() else ABSORBED_CONFIGS
+    return [triton.Config({"BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"], num_stages=c["num_stages"])
+            for c in chosen]
 
 
-@triton.autotune(configs=_configs(), key=["rows_per_split", "BLOCK_D", "BLOCK_HQ"])
+@triton.autotune(configs=_configs(), key=["rows_per_split", "BLOCK_D", "BLOCK_HQ", "VARLEN", "KEY_TABLE", "KEY_GRID",
+                                          "HAS_MASK"])
 @triton.jit
 def _absorbed_kernel(
-    x_ptr, queries_ptr, key_bias_ptr, y_ptr, max_ptr, sum_ptr,
-    B, N, D, HQ, rows_per_split, num_splits,
-    stride_xb, stride_xn, stride_xd,
+    x_ptr, queries_ptr, key_table_ptr, key_grid_ptr, starts_ptr, lengths_ptr, widths_ptr, mask_ptr,
+    y_ptr, max_ptr, sum_ptr,
+    B, N, D, HQ, rows_per_split, num_splits, grid_positions,
+    stride_xb, stride_xn, stride_xd, stride_tb, stride_mb,
     eps,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr,
+    VARLEN: tl.constexpr, KEY_TABLE: tl.constexpr, KEY_GRID: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     image = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
+    x_image = x_ptr + image * stride_xb
+    length = N
+    if VARLEN:  # this image's rows: [first_row, first_row + length) of x[image] (packed: of x)
+        x_image += tl.load(starts_ptr + image) * stride_xn
+        length = tl.load(lengths_ptr + image).to(tl.int64)
     start = split * rows_per_split
-    end = tl.minimum(start + rows_per_split, N)
+    end = tl.minimum(start + rows_per_split, length)
+    if KEY_GRID:
+        width = tl.load(widths_ptr + image).to(tl.int64)
 
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     offs_hq = tl.arange(0, BLOCK_HQ).to(tl.int64)
@@ -228,7 +370,6 @@ def _absorbed_kernel(
     # The absorbed queries, read as [D, H*Q] (small, stays in cache across the loop).
     queries_ptrs = queries_ptr + offs_hq[None, :] * D + offs_d[:, None]
     queries_mask = mask_d[:, None] & mask_hq[None, :]
-    x_image = x_ptr + image * stride_xb
 
     running_max = tl.full([BLOCK_HQ], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_HQ], tl.float32)
@@ -245,26 +386,42 @@ def _absorbed_kernel(
         xhat = (centered * rstd[:, None]).to(queries_ptr.dtype.element_ty)
 
         queries = tl.load(queries_ptrs, mask=queries_mask, other=0.0)
-        key_bias = tl.load(key_bias_ptr + offs_n[:, None] * HQ + offs_hq[None, :],
-                           mask=mask_n[:, None] & mask_hq[None, :], other=0.0)
-        scores = tl.dot(xhat, queries, input_precision=DOT_PRECISION) + key_bias  # [BLOCK_N, BLOCK_HQ]
-        scores = tl.where(mask_n[:, None], scores, float("-inf"))
+        scores = tl.dot(xhat, queries, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_HQ]
+        tile_mask = mask_n[:, None] & mask_hq[None, :]
+        if KEY_TABLE:  # the key position term per token position (and a folded attn_mask)
+            scores += tl.load(key_table_ptr + image * stride_tb + offs_n[:, None] * HQ + offs_hq[None, :],
+                              mask=tile_mask, other=0.0)
+        if KEY_GRID:  # 2-D sin-cos keys: bias(i, j) = col[j] + row[i]
+            col = offs_n % width
+            row = offs_n // width
+            scores += tl.load(key_grid_ptr + col[:, None] * HQ + offs_hq[None, :], mask=tile_mask, other=0.0)
+            scores += tl.load(key_grid_ptr + (grid_positions + row)[:, None] * HQ + offs_hq[None, :],
+                              mask=tile_mask, other=0.0)
+        valid = mask_n
+        if HAS_MASK:  # key padding mask: nonzero = ignore
+            valid = valid & (tl.load(mask_ptr + image * stride_mb + offs_n, mask=mask_n, other=1) == 0)
+        scores = tl.where(valid[:, None], scores, float("-inf"))
 
-        # Online softmax over n, one column per (head, query).
+        # Online softmax over n, one column per (head, query); a column that has seen only masked
+        # keys keeps max -inf, so shift by 0 there (exp2(-inf - -inf) would be NaN).
         new_max = tl.maximum(running_max, tl.max(scores, axis=0))
-        rescale = tl.exp2(running_max - new_max)
-        probs = tl.exp2(scores - new_max[None, :])
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2(running_max - shift)
+        probs = tl.exp2(scores - shift[None, :])
         running_sum = running_sum * rescale + tl.sum(probs, axis=0)
         acc = acc * rescale[:, None] + tl.dot(tl.trans(probs.to(xhat.dtype)), xhat,
                                               input_precision=DOT_PRECISION)
         running_max = new_max
 
     # Head-major workspace [H*Q, B, splits, D]: the value projection after is one batched GEMM.
-    row = (offs_hq * B + image) * num_splits + split
-    tl.store(y_ptr + row[:, None] * D + offs_d[None, :], acc / running_sum[:, None],
+    # A split that saw no valid key writes 0 (its merge weight is 0); an image with no valid key at
+    # all gives 0/0 = NaN, as nn.MultiheadAttention does.
+    row_index = (offs_hq * B + image) * num_splits + split
+    denominator = tl.where((running_sum > 0) | (num_splits == 1), running_sum, 1.0)
+    tl.store(y_ptr + row_index[:, None] * D + offs_d[None, :], acc / denominator[:, None],
              mask=mask_hq[:, None] & mask_d[None, :])
-    tl.store(max_ptr + row, running_max, mask=mask_hq)
-    tl.store(sum_ptr + row, running_sum, mask=mask_hq)
+    tl.store(max_ptr + row_index, running_max, mask=mask_hq)
+    tl.store(sum_ptr + row_index, running_sum, mask=mask_hq)
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -272,29 +429,82 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _absorbed_heads(x, weights, num_heads, num_queries, eps, splits):
-    """[B, Q, D] attention output before out_proj, via the absorbed kernel."""
-    batch, n, dim = x.shape
+@dataclass
+class ScoreInputs:
+    """What the absorbed kernel adds to or masks in the scores, for one launch."""
+
+    key_table: torch.Tensor | None = None  # [N, H*Q] or [B, N, H*Q] fp32 (base-2 scores)
+    key_grid: torch.Tensor | None = None  # [2, P, H*Q] fp32
+    widths: torch.Tensor | None = None  # [B] int32
+    mask: torch.Tensor | None = None  # [B, N] uint8, nonzero = ignore
+
+
+def _attn_mask_bias(attn_mask: torch.Tensor, batch: int, num_heads: int, num_queries: int, rows: int) -> torch.Tensor:
+    """nn.MultiheadAttention's attn_mask as base-2 score biases [1 or B, rows, H*Q] (fp32)."""
+    if attn_mask.dtype == torch.bool:
+        bias = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device).masked_fill(attn_mask, float("-inf"))
+    else:
+        bias = attn_mask.float() * LOG2E
+    if bias.dim() == 2:  # [Q, N]: the same for every head and image
+        return bias.t()[None, :, None, :].expand(1, rows, num_heads, num_queries).reshape(1, rows, num_heads * num_queries)
+    return bias.view(batch, num_heads, num_queries, rows).permute(0, 3, 1, 2).reshape(batch, rows, num_heads * num_queries)
+
+
+def _score_inputs(derived, layout: Layout, rows: int, key_padding_mask, attn_mask, num_heads, num_queries,
+                  device) -> ScoreInputs:
+    inputs = ScoreInputs(key_table=derived.get("key_table"), key_grid=derived.get("key_grid"))
+    if inputs.key_grid is not None:
+        inputs.widths = torch.tensor([w for _, w in layout.grids], dtype=torch.int32, device=device)
+    if attn_mask is not None:
+        extra = _attn_mask_bias(attn_mask, layout.batch, num_heads, num_queries, rows)
+        if inputs.key_table is not None:
+            extra = extra + F.pad(inputs.key_table, (0, 0, 0, rows - inputs.key_table.shape[0]))
+        inputs.key_table = extra.contiguous()
+    if key_padding_mask is not None:
+        inputs.mask = key_padding_mask.to(torch.uint8).contiguous()
+    return inputs
+
+
+def _absorbed_heads(x, weights, layout: Layout, scores: ScoreInputs, num_heads, num_queries, eps, splits):
+    """[B, Q, D] attention output before out_proj, via the absorbed kernel (x dense or packed)."""
+    dim = x.shape[-1]
+    batch, rows = layout.batch, layout.rows
     hq = num_heads * num_queries
     if splits is None:
-        splits = choose_splits(batch, n, target_programs(x.device))
-    rows_per_split = triton.cdiv(n, splits)
-    splits = triton.cdiv(n, rows_per_split)  # no empty split
+        splits = choose_splits(batch, rows, target_programs(x.device))
+    rows_per_split = triton.cdiv(rows, splits)
+    splits = triton.cdiv(rows, rows_per_split)  # no split starts beyond the longest image
     # One split writes the final y directly in x's dtype; partial results stay fp32 for the merge.
     y = _empty((hq, batch, splits, dim), x.dtype if splits == 1 else torch.float32, x.device)
     running_max = _empty((hq, batch, splits), torch.float32, x.device)
     running_sum = _empty((hq, batch, splits), torch.float32, x.device)
+    varlen = layout.lengths is not None
+    if varlen:
+        lengths = torch.tensor(layout.lengths, dtype=torch.int32, device=x.device)
+        starts = torch.tensor(layout.starts or [0] * batch, dtype=torch.int64, device=x.device)
+    else:
+        lengths = starts = x  # unused (a valid pointer)
+    packed = x.dim() == 2
+    stride_xb, stride_xn, stride_xd = (0, *x.stride()) if packed else x.stride()
+    key_table = scores.key_table
+    stride_tb = key_table.shape[1] * hq if key_table is not None and key_table.dim() == 3 and key_table.shape[0] > 1 else 0
     _absorbed_kernel[(batch, splits)](
-        x, weights["queries"], weights["key_bias"], y, running_max, running_sum,
-        batch, n, dim, hq, rows_per_split, splits,
-        x.stride(0), x.stride(1), x.stride(2),
+        x, weights["queries"],
+        key_table if key_table is not None else x, scores.key_grid if scores.key_grid is not None else x,
+        starts, lengths, scores.widths if scores.widths is not None else x, scores.mask if scores.mask is not None else x,
+        y, running_max, running_sum,
+        batch, rows, dim, hq, rows_per_split, splits,
+        scores.key_grid.shape[1] if scores.key_grid is not None else 0,
+        stride_xb, stride_xn, stride_xd, stride_tb, scores.mask.stride(0) if scores.mask is not None else 0,
         eps,
         BLOCK_D=triton.next_power_of_2(dim), BLOCK_HQ=max(16, triton.next_power_of_2(hq)),
+        VARLEN=varlen, KEY_TABLE=key_table is not None, KEY_GRID=scores.key_grid is not None,
+        HAS_MASK=scores.mask is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
     if splits == 1:
         y = y[:, :, 0]
-    else:  # merge the splits' softmax states
+    else:  # merge the splits' softmax states; a split that saw no valid key has weight 0
         weight = running_sum * torch.exp2(running_max - running_max.amax(dim=2, keepdim=True))
         y = ((y * weight[..., None]).sum(dim=2) / weight.sum(dim=2)[..., None]).to(x.dtype)
     # [H, Q*B, D] @ [H, D, hd] per head, then back to [B, Q, H*hd].
@@ -304,38 +514,68 @@ def _absorbed_heads(x, weights, num_heads, num_queries, eps, splits):
     return heads.view(num_heads, num_queries, batch, head_dim).permute(2, 1, 0, 3).reshape(batch, num_queries, dim)
 
 
-def _projected_heads(x, weights, num_heads, num_queries, eps):
-    """[B, Q, D] attention output before out_proj, with projected K, V and SDPA."""
-    batch, n, dim = x.shape
+def _projected_keys_position(weights, layout: Layout, first: int, count: int, rows: int, dtype, device):
+    """The key position term of images [first, first + count), projected: [count, rows, D] or [rows, D]."""
+    if "key_table" in weights:
+        table = weights["key_table"]
+        return F.pad(table, (0, 0, 0, rows - table.shape[0])).to(dtype)
+    if "key_grid" in weights:
+        columns, rows_table = weights["key_grid"]
+        index = torch.arange(rows, device=device)
+        out = []
+        for height, width in layout.grids[first:first + count]:
+            col, row = index % width, (index // width).clamp(max=height - 1)  # padding rows: any valid row
+            out.append(columns[col] + rows_table[row])
+        return torch.stack(out).to(dtype)
+    return None
+
+
+def _projected_heads(x, weights, layout: Layout, first: int, key_padding_mask, attn_mask, num_heads, num_queries, eps):
+    """[B, Q, D] attention output before out_proj for dense x (a chunk of images starting at
+    ``first``), with projected K, V and SDPA."""
+    batch, rows, dim = x.shape
     head_dim = dim // num_heads
     normed = F.layer_norm(x, (dim,), weights["ln_weight"], weights["ln_bias"], eps)
-    keys = F.linear(normed, weights["key_weight"]) + weights["key_bias"]
+    keys = F.linear(normed, weights["key_weight"], weights["key_bias"])
+    position = _projected_keys_position(weights, layout, first, batch, rows, x.dtype, x.device)
+    if position is not None:
+        keys = keys + position
     values = F.linear(normed, weights["value_weight"], weights["value_bias"])
-    queries = weights["queries"].expand(batch, -1, -1, -1)
+    lengths = layout.lengths[first:first + batch] if layout.lengths is not None else [rows] * batch
+    if attn_mask is not None and attn_mask.dim() == 3:
+        attn_mask = attn_mask.view(layout.batch, num_heads * num_queries, -1)[first:first + batch]
+        attn_mask = attn_mask.reshape(batch * num_heads, num_queries, -1)
+    bias = score_mask(batch, rows, lengths, key_padding_mask, attn_mask, num_heads, num_queries, x.dtype, x.device)
     heads = F.scaled_dot_product_attention(
-        queries,
-        keys.view(batch, n, num_heads, head_dim).transpose(1, 2),
-        values.view(batch, n, num_heads, head_dim).transpose(1, 2),
+        weights["queries"].expand(batch, -1, -1, -1),
+        keys.view(batch, rows, num_heads, head_dim).transpose(1, 2),
+        values.view(batch, rows, num_heads, head_dim).transpose(1, 2),
+        attn_mask=bias,
     )
     return heads.transpose(1, 2).reshape(batch, num_queries, dim)
 
 
 def compress_triton(x, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
                     ln_q_weight, ln_q_bias, ln_kv_weight, ln_kv_bias, num_heads, eps=1e-6, *,
+                    query_pos: bool = True, key_pos: str = "resize", grid_sizes=None, cu_seqlens=None,
+                    key_padding_mask=None, attn_mask=None,
                     form: str | None = None, splits: int | None = None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """Compress x [B, N, D] to [B, C^2, D] with the fused path (no autograd; see ``op.compress``).
+    """Compress each image's tokens to [Q, D] with the fused path (no autograd; see ``op.compress``).
 
-    ``form`` forces ``"absorbed"`` or ``"projected"`` (default: ``choose_form``); ``splits`` forces
-    how many programs share an image's rows in the absorbed form (default: ``choose_splits``);
-    ``out`` is an optional contiguous [B, C^2, D] tensor of x's dtype to write into.
+    Same arguments and result as ``compress_ref``. ``form`` forces ``"absorbed"`` or ``"projected"``
+    (default: ``choose_form``); ``splits`` forces how many programs share an image's rows in the
+    absorbed form (default: ``choose_splits``); ``out`` is an optional contiguous [B, Q, D] tensor
+    of x's dtype to write into.
     """
     weights = [query, pos_embed, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
                ln_q_weight, ln_q_bias, ln_kv_weight, ln_kv_bias]
-    check_inputs(x, *weights, num_heads)
+    options = dict(query_pos=query_pos, key_pos=key_pos, grid_sizes=grid_sizes, cu_seqlens=cu_seqlens,
+                   key_padding_mask=key_padding_mask, attn_mask=attn_mask)
+    check_inputs(x, *weights, num_heads, **options)
     if x.device.type != "cuda" and not interpreting():
         raise ValueError(f"x: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}")
-    batch, n, dim = x.shape
+    dim = x.shape[-1]
     num_queries = query.shape[0]
     if form is None:
         form = choose_form(num_heads, num_queries, dim, x.dtype, x.device)
@@ -343,6 +583,8 @@ def compress_triton(x, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_
         raise ValueError(f"form: expected 'absorbed', 'projected' or None, got {form!r}")
     if splits is not None and (not isinstance(splits, int) or splits < 1):
         raise ValueError(f"splits: expected a positive int or None, got {splits!r}")
+    layout = Layout.of(x, key_pos, grid_sizes, cu_seqlens)
+    batch = layout.batch
     if out is None:
         out = torch.empty((batch, num_queries, dim), dtype=x.dtype, device=x.device)
     elif (list(out.shape) != [batch, num_queries, dim] or out.dtype != x.dtype or out.device != x.device
@@ -351,17 +593,19 @@ def compress_triton(x, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_
                          f"on {x.device}, got {out.dtype} {list(out.shape)} on {out.device}")
     if batch == 0:
         return out
-    derived = derived_weights(form, x.dtype, n, weights, num_heads, eps)
+    derived = derived_weights(form, x.dtype, weights, num_heads, eps, query_pos, key_pos, layout.key_extent(key_pos))
     if form == "absorbed":
-        chunk = batch
-    else:
-        chunk = max(1, PROJECTED_CHUNK_BYTES // (3 * n * dim * x.element_size()))
-    for start in range(0, batch, chunk):
-        x_chunk, out_chunk = x[start:start + chunk], out[start:start + chunk]
-        if form == "absorbed":
-            heads = _absorbed_heads(x_chunk, derived, num_heads, num_queries, eps, splits)
-        else:
-            heads = _projected_heads(x_chunk, derived, num_heads, num_queries, eps)
-        torch.addmm(derived["out_proj_bias"], heads.view(-1, dim), derived["out_proj_weight"].t(),
-                    out=out_chunk.view(-1, dim))
+        scores = _score_inputs(derived, layout, layout.rows if x.dim() == 2 else x.shape[1], key_padding_mask,
+                               attn_mask, num_heads, num_queries, x.device)
+        heads = _absorbed_heads(x, derived, layout, scores, num_heads, num_queries, eps, splits)
+        torch.addmm(derived["out_proj_bias"], heads.view(-1, dim), derived["out_proj_weight"].t(), out=out.view(-1, dim))
+        return out
+    dense = to_dense(x, layout.lengths, cu_seqlens) if cu_seqlens is not None else x
+    chunk = max(1, PROJECTED_CHUNK_BYTES // (3 * dense.shape[1] * dim * x.element_size()))
+    for first in range(0, batch, chunk):
+        mask = key_padding_mask[first:first + chunk] if key_padding_mask is not None else None
+        heads = _projected_heads(dense[first:first + chunk], derived, layout, first, mask, attn_mask, num_heads,
+                                 num_queries, eps)
+        torch.addmm(derived["out_proj_bias"], heads.reshape(-1, dim), derived["out_proj_weight"].t(),
+                    out=out[first:first + chunk].view(-1, dim))
     return out

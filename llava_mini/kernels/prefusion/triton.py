@@ -15,25 +15,32 @@ import torch
 import triton
 import triton.language as tl
 
+from llava_mini.kernels.gpus import device_limits
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(tiles):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
+
 
 if _INTERPRET:
     # The CPU interpreter runs every config; one small config keeps tests fast and still crosses tiles.
-    _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    HALF_CONFIGS = FP32_CONFIGS = _configs([(16, 32, 4, 1)])
 else:
-    _CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 8, 3),
-            (128, 64, 4, 3),
-            (128, 128, 8, 2),
-            (128, 32, 4, 4),
-            (64, 64, 4, 3),
-            (64, 64, 4, 4),
-            (64, 128, 4, 2),
-            (128, 64, 8, 4),
-        ]
-    ]
+    # (BLOCK_M, BLOCK_N, warps, stages). Every one of these compiles without (or with a few bytes of)
+    # spills on sm_80/86/89/90 at the product shapes, and those that fit a GPU's shared memory are kept
+    # there: see bench/results/kernel_resources.md (python -m llava_mini.kernels.aot).
+    HALF_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)])
+    # fp32 runs its dots in full precision on the FMA units, whose operands sit in registers: small
+    # tiles over 8 warps (4 warps or wider tiles spill hundreds of bytes to kilobytes per thread).
+    FP32_CONFIGS = _configs([(32, 32, 8, 2), (16, 64, 8, 2), (32, 16, 8, 2)])
+
+
+def configs_for(dtype: torch.dtype) -> list:
+    """The autotune configs for inputs of ``dtype``."""
+    return FP32_CONFIGS if dtype == torch.float32 else HALF_CONFIGS
+
 
 _LOG2E = 1.4426950408889634
 
@@ -80,7 +87,6 @@ def _attend_tiles(
     return acc, row_max, row_sum
 
 
-@triton.autotune(configs=_CONFIGS, key=["HEAD_DIM", "BLOCK_D", "CAUSAL", "HAS_KEEP", "VARLEN", "GROUP_SIZE"])
 @triton.jit
 def _prefusion_attention_kernel(
     Q, K, V, Out, Keep, CuSeqlensQ, CuSeqlensK,
@@ -168,7 +174,96 @@ def _prefusion_attention_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
+def block_d_for(head_dim: int) -> int:
+    """The head-dim width of the kernel's tiles: ``tl.arange`` wants a power of 2, ``tl.dot`` at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def shared_memory_bytes(config: triton.Config, block_d: int, dtype: torch.dtype, capability: int) -> int:
+    """Shared memory the compiled kernel uses: the rule configs are pruned by before any compile.
+
+    How Triton lays the kernel out in shared memory (read off its compiles for sm_80-sm_90):
+    - the K and V tiles are multi-buffered by the software pipeline: ``num_stages`` buffers on
+      sm_90 (wgmma reads its operands from shared memory), ``num_stages - 1`` before;
+    - the Q tile stays in shared memory for the whole key loop;
+    - the probabilities tile P is staged through shared memory on its way to the second dot for
+      fp32 (FMA dots), and for tensor-core dots before sm_90 when BLOCK_M < BLOCK_D;
+    - FMA dots add a scratch of 4 B per query row for the row maximum and sum.
+    The ahead-of-time check (``python -m llava_mini.kernels.aot``) holds the rule to real compiles
+    at the product shapes on sm_80/86/89/90: every config it keeps fits, every config it drops
+    does not. Elsewhere a wrong guess costs compile time only (the autotuner skips a config that
+    fails with OutOfResources).
+    """
+    block_m, block_n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    size = dtype.itemsize
+    kv_tiles = 2 * block_n * block_d * size
+    q_tile = block_m * block_d * size
+    p_tile = block_m * block_n * size
+    if dtype == torch.float32:
+        return max(stages - 1, 1) * kv_tiles + q_tile + p_tile + 4 * block_m
+    if capability >= 90:
+        return stages * kv_tiles + q_tile
+    return (stages - 1) * kv_tiles + q_tile + (p_tile if block_m < block_d else 0)
+
+
+def fitting_configs(configs: list, dtype: torch.dtype, block_d: int, capability: int, shared_limit: int) -> list:
+    """The configs whose shared memory (``shared_memory_bytes``) fits ``shared_limit`` bytes."""
+    return [c for c in configs if shared_memory_bytes(c, block_d, dtype, capability) <= shared_limit]
+
+
+def select_configs(dtype: torch.dtype, head_dim: int, capability: int, shared_limit: int) -> list:
+    """The configs of ``dtype`` that fit a GPU of ``capability`` allowing ``shared_limit`` bytes per
+    program; a ValueError naming the arch, dtype and what to use instead when none does."""
+    block_d = block_d_for(head_dim)
+    kept = fitting_configs(configs_for(dtype), dtype, block_d, capability, shared_limit)
+    if kept:
+        return kept
+    need = min(shared_memory_bytes(c, block_d, dtype, capability) for c in configs_for(dtype))
+    other = torch.bfloat16 if dtype == torch.float32 else torch.float32
+    instead = "backend='torch'"
+    if fitting_configs(configs_for(other), other, block_d, capability, shared_limit):
+        instead = ("bfloat16 or float16" if other == torch.bfloat16 else "float32") + f" inputs or {instead}"
+    raise ValueError(
+        f"q: no pre-fusion attention kernel config fits sm_{capability}'s {shared_limit} B of shared memory "
+        f"per program for {str(dtype).removeprefix('torch.')} at head_dim {head_dim} (the smallest needs {need} B); "
+        f"use {instead}"
+    )
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Autotuner hook: drop the configs that cannot fit this GPU's shared memory before any compile."""
+    q = named_args["Q"]
+    limits = device_limits(q.device)
+    if limits is None:
+        return configs
+    kept = select_configs(q.dtype, kwargs["HEAD_DIM"], *limits)
+    return [c for c in configs if c in kept]
+
+
+_AUTOTUNE_KEY = ["HEAD_DIM", "BLOCK_D", "CAUSAL", "HAS_KEEP", "VARLEN", "GROUP_SIZE"]
+_half_kernel = triton.autotune(HALF_CONFIGS, key=_AUTOTUNE_KEY,
+                               prune_configs_by={"early_config_prune": _prune_configs})(_prefusion_attention_kernel)
+_fp32_kernel = triton.autotune(FP32_CONFIGS, key=_AUTOTUNE_KEY,
+                               prune_configs_by={"early_config_prune": _prune_configs})(_prefusion_attention_kernel)
+
+
+def autotuned_kernel(dtype: torch.dtype):
+    """The autotuned kernel the launcher runs for inputs of ``dtype`` (its configs: ``configs_for``)."""
+    return _fp32_kernel if dtype == torch.float32 else _half_kernel
+
+
 MAX_GRID_Y = 65535  # CUDA's limit on the grid's second axis
+# Triton marks an integer argument divisible by 16 (and a pointer 16-byte aligned) when it is: only
+# then are a row's loads vectorised (16-byte cp.async / ld.v4). Head dims are padded to a multiple.
+ALIGNMENT = 16
+
+
+def _zero_padded(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` copied into contiguous rows of ``width`` elements, the extra columns zero."""
+    buffer = t.new_empty(*t.shape[:-1], width)
+    buffer[..., : t.shape[-1]] = t
+    buffer[..., t.shape[-1]:] = 0
+    return buffer
 
 
 def prefusion_attention_triton(
@@ -189,19 +284,45 @@ def prefusion_attention_triton(
     Padded layout: q [B, Lq, H, d], k/v [B, Lk, Hkv, d]. Packed layout: q [total_q, H, d],
     k/v [total_k, Hkv, d] with int32 ``cu_seqlens_q/k`` [B + 1] and ``max_seqlen_q``.
     Any strides. ``out`` (shaped like q, any strides) is written in full when given.
+
+    A head_dim that is not a multiple of 16 (72, say) leaves rows off 16-element boundaries, and the
+    kernel's loads would go one element at a time: q, k and v are then copied into rows zero-padded
+    to the next multiple of 16. Zero columns add nothing to q.k and give output columns that are
+    dropped, so results are exactly those of the unpadded inputs (``scale`` stays 1/sqrt(head_dim)).
     """
     head_dim = q.shape[-1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     # A contiguous output whatever q's strides: callers reshape it to [..., H * d] without a copy.
     out = q.new_empty(q.shape) if out is None else out
+    if head_dim % ALIGNMENT:
+        width = triton.cdiv(head_dim, ALIGNMENT) * ALIGNMENT
+        q, k, v = (_zero_padded(t, width) for t in (q, k, v))
+        padded_out = q.new_empty(q.shape)
+        _launch_in_slices(q, k, v, padded_out, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                          scale)
+        out.copy_(padded_out[..., :head_dim])
+    else:
+        _launch_in_slices(q, k, v, out, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale)
+    return out
+
+
+def _launch_in_slices(q, k, v, out, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale):
+    """Launch over slices of the batch: the grid's second axis holds batch x heads, at most MAX_GRID_Y."""
     varlen = cu_seqlens_q is not None
-    rows = max(1, MAX_GRID_Y // q.shape[-2])
-    if not varlen and q.shape[0] > rows:  # the grid's second axis holds batch x heads: launch in slices
-        for i in range(0, q.shape[0], rows):
-            part = slice(i, i + rows)
-            prefusion_attention_triton(q[part], k[part], v[part], causal=causal, scale=scale, out=out[part],
-                                       key_padding_mask=None if key_padding_mask is None else key_padding_mask[part])
-        return out
+    batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
+    step = max(1, MAX_GRID_Y // q.shape[-2])
+    for start in range(0, batch, step):
+        if varlen:  # packed rows stay where they are: slicing cu_seqlens picks the sequences
+            part = slice(start, start + step + 1)
+            _launch(q, k, v, out, causal, None, cu_seqlens_q[part], cu_seqlens_k[part], max_seqlen_q, scale)
+        else:
+            part = slice(start, start + step)
+            mask = None if key_padding_mask is None else key_padding_mask[part]
+            _launch(q[part], k[part], v[part], out[part], causal, mask, None, None, None, scale)
+
+
+def _launch(q, k, v, out, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale):
+    varlen = cu_seqlens_q is not None
     if varlen:
         # View packed tensors as one "batch" row of the padded layout: only strides 1..3 are read.
         q4, k4, v4, o4 = (t.unsqueeze(0) for t in (q, k, v, out))
@@ -210,7 +331,9 @@ def prefusion_attention_triton(
     else:
         q4, k4, v4, o4 = q, k, v, out
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
-    heads, kv_heads = q.shape[-2], k.shape[-2]
+    head_dim, heads, kv_heads = q.shape[-1], q.shape[-2], k.shape[-2]
+    if batch * heads == 0 or seqlen_q == 0:
+        return
     if key_padding_mask is not None:
         keep = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
         keep_strides = keep.stride()
@@ -222,18 +345,15 @@ def prefusion_attention_triton(
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
 
-    if batch * heads == 0 or seqlen_q == 0:
-        return out
-    _prefusion_attention_kernel[grid](
+    autotuned_kernel(q.dtype)[grid](
         q4, k4, v4, o4, keep, cu_q, cu_k,
         *q4.stride(), *k4.stride(), *v4.stride(), *o4.stride(), *keep_strides,
         seqlen_q, seqlen_k, heads, scale * _LOG2E,
         HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_D=block_d_for(head_dim),
         GROUP_SIZE=heads // kv_heads,
         CAUSAL=causal,
         HAS_KEEP=key_padding_mask is not None,
         VARLEN=varlen,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    return out
