@@ -50,6 +50,21 @@ def default_dtype_and_device(dtype, device):
         torch.set_default_dtype(old)
 
 
+def frames_per_chunk(config: LlavaMiniConfig, itemsize: int, budget_bytes: int) -> int:
+    """Video frames per batched launch: ``budget_bytes`` of activations over a per-frame estimate
+    (CLIP on each of the frame's crops, its pre-fusion rows) at ``itemsize`` bytes per value. The
+    model and the memory planner both size chunks by it."""
+    t, v = config.text, config.vision
+    r = config.resolution_ratio
+    crops = 1 if r == 1 else r * r + 1  # CLIP inputs per frame
+    rows = crops * config.num_patches + config.tokens_per_image
+    kv = 2 * max(config.prefusion_layers, 1) * t["num_key_value_heads"] * (t["hidden_size"] // t["num_attention_heads"])
+    prefusion = rows * (kv + 4 * t["hidden_size"] + 2 * t["intermediate_size"])
+    clip = crops * ((config.num_patches + 1) * (6 * v["hidden_size"] + v["intermediate_size"])
+                    + v["num_attention_heads"] * (config.num_patches + 1) ** 2)
+    return max(1, budget_bytes // ((prefusion + clip) * itemsize))
+
+
 class LlavaMini(nn.Module):
     """LLaVA-Mini: one (C x C) vision token per image for the LLM, vision fused into text beforehand.
 
@@ -257,16 +272,7 @@ class LlavaMini(nn.Module):
 
     def frame_chunk(self) -> int:
         """Frames per batched launch: the activation budget over a per-frame estimate."""
-        t, v = self.config.text, self.config.vision
-        itemsize = torch.finfo(self.dtype).bits // 8
-        r = self.config.resolution_ratio
-        crops = 1 if r == 1 else r * r + 1  # CLIP inputs per frame
-        rows = crops * self.config.num_patches + self.config.tokens_per_image
-        kv = 2 * max(self.config.prefusion_layers, 1) * t["num_key_value_heads"] * (t["hidden_size"] // t["num_attention_heads"])
-        prefusion = rows * (kv + 4 * t["hidden_size"] + 2 * t["intermediate_size"])
-        clip = crops * ((self.config.num_patches + 1) * (6 * v["hidden_size"] + v["intermediate_size"])
-                        + v["num_attention_heads"] * (self.config.num_patches + 1) ** 2)
-        return max(1, self.savings.frame_budget_bytes // ((prefusion + clip) * itemsize))
+        return frames_per_chunk(self.config, torch.finfo(self.dtype).bits // 8, self.savings.frame_budget_bytes)
 
     # --- text ------------------------------------------------------------------------------------
     def prompt_ids(self, input_ids=None, prompts=None, attention_mask=None, with_image: bool = True) -> list[list[int]]:

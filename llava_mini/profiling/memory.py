@@ -172,7 +172,7 @@ class Plan:
 
 
 def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64, new_tokens: int = 32,
-         model: str = "mini", chunk_frames: int = 16, attn: str = "sdpa", margin: float = DEFAULT_MARGIN,
+         model: str = "mini", chunk_frames: int | None = None, attn: str = "sdpa", margin: float = DEFAULT_MARGIN,
          pixels_on_device: bool = False, keep_prefix_kv: bool = False) -> Plan:
     """Predict the most video frames one prompt can hold in ``vram_bytes``.
 
@@ -183,7 +183,8 @@ def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64,
         prompt_len: L prompt tokens (with the placeholder).
         new_tokens: tokens to generate (their KV counts).
         model: ``"mini"`` or ``"baseline"`` (576 tokens per frame; no pre-fusion).
-        chunk_frames: frames encoded per batched launch (the encode activation peak scales with it).
+        chunk_frames: frames encoded per batched launch (the encode activation peak scales with it);
+            None: as the model sizes them by default (``frames_per_chunk``; fewer for HD).
         attn: ``"sdpa"``/``"flash"`` (no score matrix) or ``"eager"`` (scores materialised: quadratic).
         margin: fraction of the budget held back (allocator fragmentation, CUDA context, workspaces).
         pixels_on_device: all frames' pixels stay on the device (else streamed per chunk).
@@ -204,9 +205,11 @@ def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64,
         raise ValueError(f"attn: expected one of {ATTN_IMPLS}, got {attn!r}")
     _nonneg_int("prompt_len", prompt_len, 1)
     _nonneg_int("new_tokens", new_tokens, 0)
+    if chunk_frames is None:
+        from llava_mini.lmm.model import Savings, frames_per_chunk
+
+        chunk_frames = frames_per_chunk(config, _dtype_bytes(dtype), Savings().frame_budget_bytes)
     _nonneg_int("chunk_frames", chunk_frames, 1)
-    if config.resolution_ratio > 1:
-        raise ValueError("config: video frames run at 336 px; the HD model (resolution_ratio > 1) takes images")
     b = _dtype_bytes(dtype)
     s = shapes(config)
     weights = weight_bytes(config, model, dtype)["total"]
@@ -215,12 +218,14 @@ def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64,
     act_tok = llm_activation_bytes_per_token(config, dtype)
     embeds_tok = 3 * s.d * b  # the fused rows, the concatenated prompt, the left-padded batch copy
     eager_quadratic = attn == "eager"
+    r = config.resolution_ratio
+    crops = r * r + 1 if r > 1 else 1  # an HD frame is r x r blocks and the whole frame, as released
     kept = 0
     notes = []
     if pixels_on_device:
-        kept += s.channels * config.crop_size ** 2 * b
+        kept += crops * s.channels * config.crop_size ** 2 * b
     if keep_prefix_kv and model == "mini":
-        rows = config.num_patches + tpf + prompt_len
+        rows = crops * config.num_patches + tpf + prompt_len
         kept += config.prefusion_layers * rows * 2 * s.kv_heads * s.head_dim * b
     per_frame = tpf * (kv_tok + embeds_tok + act_tok) + kept
     fixed_tokens = prompt_len - 1 + new_tokens
