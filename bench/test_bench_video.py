@@ -38,6 +38,7 @@ import torch
 RESOLUTIONS = {"480p": (640, 480), "1080p": (1920, 1080)}
 PATHS = ("decode", "model", "pipelined", "decode_all")
 PROMPT_TOKENS = 43
+LONG_CONTEXT = 131_072  # Llama-3.1's max_position_embeddings
 MiB = 1 << 20
 
 
@@ -61,13 +62,23 @@ def decode_all(model, path: str, ids: list[int]):
 
 def run_case(case: dict) -> dict:
     """Measure one case (``path``, ``frames``, ``clip``, ``preset``, ``device``, ``dtype``, ``backend``, ``budget``)."""
-    from llava_mini.lmm import LlavaMini, Savings
+    from llava_mini.lmm import LlavaMini, LlavaMiniConfig, Savings
     from llava_mini.profiling.latency import random_inputs
     from llava_mini.profiling.memory import peak_memory, process_rss_bytes
 
     torch.manual_seed(0)
     device, dtype = torch.device(case["device"]), getattr(torch, case["dtype"])
-    model = LlavaMini.from_preset(case["preset"], dtype=dtype, device=device).set_backend(case["backend"])
+    if device.type == "cpu":
+        # one torch thread, as `llava-mini bench` on a CPU: the decoder's threads take the other core
+        torch.set_num_threads(1)
+        case = dict(case, torch_threads=1)
+    config = LlavaMiniConfig.from_preset(case["preset"])
+    if case["frames"] * config.tokens_per_image + PROMPT_TOKENS > config.text["max_position_embeddings"]:
+        # e.g. Vicuna's 4,096 positions hold no 10,000-frame video: give the LLM Llama-3.1's context
+        # (the cost of a position does not depend on the limit; the JSON records the change)
+        config.text = dict(config.text, max_position_embeddings=LONG_CONTEXT)
+        case = dict(case, max_position_embeddings=LONG_CONTEXT)
+    model = LlavaMini.from_config(config, dtype=dtype, device=device).set_backend(case["backend"])
     model.savings = Savings(frame_budget_bytes=case["budget"])
     ids = random_inputs(model, 1, PROMPT_TOKENS)[1][0]
     s = model.config.crop_size
