@@ -44,7 +44,7 @@ def cmd_plan(args) -> int:
 
     d = plan(args.preset, vram_bytes=args.vram, dtype=args.dtype, prompt_len=args.prompt_len, model=args.model).to_dict()
     if args.measure:
-        d["measured"] = measure_frames_in_budget(args.preset, args.vram, d["max_frames"], args.prompt_len)
+        d.update(measure_plan(args, d["max_frames"]))
     if args.json:
         print(json.dumps(d, indent=2, default=str))
         return 0
@@ -54,32 +54,61 @@ def cmd_plan(args) -> int:
     for key in ("kv_per_frame", "per_frame", "encode_chunk_peak"):
         print(f"  {key}: {format_bytes(d[key])}")
     print(f"  weights: {format_bytes(d['weights']['total'] if isinstance(d['weights'], dict) else d['weights'])}")
+    if "measured_memory" not in d:
+        print("  (a prediction; add --measure to measure host and device memory beside it, and on a GPU "
+              "the real maximum under the budget)")
+        return 0
+    m = d["measured_memory"]
+    show = lambda n: "-" if n is None else format_bytes(n)  # noqa: E731
+    print(f"  measured on {m['device']} (chunks of {m['chunk_frames']} frames, as the model runs them; "
+          f"host RSS with the model loaded {show(m['model_rss'])}):")
+    print(f"    {'frames':>8}  {'predicted peak':>15}  {'device peak':>12}  {'host peak RSS':>14}  {'host above model':>17}")
+    for r in m["rows"]:
+        print(f"    {r['frames']:>8}  {show(r['predicted_peak']):>15}  {show(r['device_peak']):>12}  "
+              f"{show(r['host_peak']):>14}  {show(r['host_above_start']):>17}")
     if "measured" in d:
         print(f"  measured: {d['measured']['max_frames']} frames fit (planner: {d['max_frames']}); "
               f"tried {len(d['measured']['tried'])} frame counts")
-    else:
-        print("  (a prediction; add --measure on a GPU to find the real maximum under the budget)")
     return 0
 
 
-def measure_frames_in_budget(preset: str, vram: int, predicted: int, prompt_len: int) -> dict:
-    """The most frames of one prompt that encode and prefill under a ``vram`` cap (CUDA, bf16)."""
+def measure_plan(args, predicted: int) -> dict:
+    """Build the preset and run videos of ``--frames`` frames through encode + prefill: peak host RSS
+    and device memory beside the planner's predicted peak (planned with the model's own chunk size),
+    and on CUDA the most frames that fit under ``--vram`` (binary search)."""
     from llava_mini.lmm import LlavaMini
     from llava_mini.profiling.latency import prefill, random_inputs
-    from llava_mini.profiling.memory import max_frames_in_budget
+    from llava_mini.lmm.video import available_memory
+    from llava_mini.profiling.memory import (format_bytes, max_frames_in_budget, measure_video_memory, plan,
+                                             process_rss_bytes, weight_bytes)
 
-    if not torch.cuda.is_available():
-        raise ValueError("--measure: needs a CUDA GPU")
-    model = LlavaMini.from_preset(preset, dtype=torch.bfloat16, device="cuda")
-    _, ids = random_inputs(model, 1, prompt_len)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype]
+    weights, free = weight_bytes(args.preset, "mini", args.dtype)["total"], available_memory(device)
+    if free is not None and weights > free:
+        raise ValueError(f"--measure: the {args.preset} weights take {format_bytes(weights)} in {args.dtype}, more than "
+                         f"the {format_bytes(free)} free on {device}; measure a smaller --preset (e.g. small) there")
+    model = LlavaMini.from_preset(args.preset, dtype=dtype, device=device)
+    _, ids = random_inputs(model, 1, args.prompt_len)
     s = model.config.crop_size
+    frame = torch.randn(1, 3, s, s, dtype=dtype)
 
     def run(frames: int):
-        video = torch.randn(frames, 3, s, s, dtype=torch.bfloat16)  # stays on the CPU; moved per chunk
+        video = frame.expand(frames, 3, s, s)  # ready pixels that take no memory: a file would stream
         # "sdpa": the planner assumes flash-style attention
         return prefill(model, ids, videos=[video], backend="sdpa", use_cache=True)
 
-    return max_frames_in_budget(run, vram, lo=1, hi=max(64, 2 * predicted))
+    def predict(frames: int) -> int:  # planned with the chunk the model will use for this video
+        p = plan(args.preset, vram_bytes=args.vram, dtype=args.dtype, prompt_len=args.prompt_len,
+                 chunk_frames=min(frames, model.frame_chunk()))
+        return max(p.encode_peak(frames), p.prefill_peak(frames))
+
+    out = {"measured_memory": {"device": str(device), "chunk_frames": model.frame_chunk(),
+                               "model_rss": process_rss_bytes(),
+                               "rows": measure_video_memory(run, args.frames, predict, device)}}
+    if device.type == "cuda":
+        out["measured"] = max_frames_in_budget(run, args.vram, lo=1, hi=max(64, 2 * predicted))
+    return out
 
 
 def cmd_profile(args) -> int:
@@ -186,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--model", choices=["mini", "baseline"], default="mini")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--measure", action="store_true", help="also search the real maximum under the budget (GPU)")
+    p.add_argument("--measure", action="store_true",
+                   help="also measure host and device memory for --frames frames (and on a GPU the real maximum)")
+    p.add_argument("--frames", nargs="+", type=int, default=[16, 64], help="frame counts to measure (with --measure)")
+    p.add_argument("--device", help="cuda or cpu, for --measure (default: cuda if present)")
     p.set_defaults(func=cmd_plan)
 
     f = sub.add_parser("profile", help="one model's stages and a torch.profiler trace")

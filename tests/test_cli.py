@@ -99,8 +99,9 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
         main(["bench", "--backends", "cuda"])
 
 
-def test_plan_measure_needs_a_gpu(capsys):
-    if torch.cuda.is_available():
-        pytest.skip("CPU-only check")
-    assert main(["plan", "--measure"]) == 2
-    assert "--measure: needs a CUDA GPU" in capsys.readouterr().err
+def test_plan_measure_refuses_a_model_that_does_not_fit(capsys, monkeypatch):
+    import llava_mini.lmm.video
+
+    monkeypatch.setattr(llava_mini.lmm.video, "available_memory", lambda device: 1 << 30)
+    assert main(["plan", "--measure", "--device", "cpu"]) == 2  # Llama-3.1-8B in bf16: 15 GiB of weights
+    assert "--measure: the llava-mini-llama-3.1-8b weights take" in capsys.readouterr().err

@@ -7,7 +7,7 @@ from PIL import Image
 
 from llava_mini.lmm import IMAGE_TOKEN_INDEX as IMG
 from llava_mini.lmm import LlavaMini, LlavaMiniConfig
-from llava_mini.lmm import processing
+from llava_mini.lmm import processing, video
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +97,12 @@ def write_video(path, seconds=4, rate=10, size=32):
 
 def test_video_file_is_sampled_at_the_requested_rate(tmp_path, model):
     write_video(tmp_path / "v.mp4")
-    frames = processing.decode_video(tmp_path / "v.mp4", fps=1.0)
+    frames = video.decode_video(tmp_path / "v.mp4", fps=1.0)
     assert len(frames) == 4
     brightness = [f.mean() for f in frames]
     assert brightness == sorted(brightness)  # in time order, one per second
-    assert len(processing.decode_video(tmp_path / "v.mp4", fps=2.0)) == 8
-    assert len(processing.decode_video(tmp_path / "v.mp4", fps=2.0, max_frames=3)) == 3
+    assert len(video.decode_video(tmp_path / "v.mp4", fps=2.0)) == 8
+    assert len(video.decode_video(tmp_path / "v.mp4", fps=2.0, max_frames=3)) == 3
     out = model.encode(videos=[tmp_path / "v.mp4"], input_ids=[[1, IMG, 5]])
     assert out.inputs_embeds.shape[1] == 2 + 4  # L - 1 + T * C^2
 

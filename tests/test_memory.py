@@ -1,5 +1,7 @@
 """Memory: KV bytes, weight bytes, the frames-in-budget planner, and measured KV growth on the tiny model."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -102,6 +104,34 @@ def test_measured_kv_growth_per_frame_equals_plan(tiny_model):
     assert meas.bytes[0] == (1 + 5) * p.kv_per_token
 
 
+def test_hd_video_is_planned_and_its_kv_per_frame_measured():
+    """HD videos (released: each frame as r x r blocks plus the whole frame) are planned, not refused."""
+    from llava_mini.lmm.model import LlavaMini
+
+    torch.manual_seed(0)
+    model = LlavaMini.from_preset("tiny-hd")
+    r, s = model.config.resolution_ratio, model.config.crop_size
+
+    def run(frames):
+        with torch.no_grad():
+            enc = model.encode(videos=[torch.rand(frames, r * r + 1, 3, s, s)], input_ids=_ids())
+            return model.llm(inputs_embeds=enc.inputs_embeds, attention_mask=enc.attention_mask, use_cache=True,
+                             logits_to_keep=1).past_key_values
+
+    hd = M.plan(model.config, dtype=torch.float32, prompt_len=6, pixels_on_device=True, keep_prefix_kv=True)
+    assert M.measure_slope(run, [1, 2, 4], method="kv_tensors").slope == hd.kv_per_frame
+    assert hd.max_frames > 0 and hd.tokens_per_frame == model.config.tokens_per_image
+    # what an HD frame keeps: its r*r + 1 crops of pixels and the pre-fusion rows of all of them
+    base = M.plan(dataclasses.replace(model.config, resolution_ratio=1), dtype=torch.float32, prompt_len=6,
+                  pixels_on_device=True, keep_prefix_kv=True)
+    crops, pixels, patches, tokens = r * r + 1, 3 * s * s * 4, model.config.num_patches, hd.tokens_per_frame
+    kv_row_all_layers = (base.kept_per_frame - pixels) / (patches + tokens + 6)  # a pre-fusion row's K/V
+    assert hd.kept_per_frame == crops * pixels + kv_row_all_layers * (crops * patches + tokens + 6)
+    # chunks sized as the model sizes them: fewer HD frames, each costing more at the encode peak
+    assert hd.chunk_frames == model.frame_chunk() < base.chunk_frames
+    assert hd.encode_chunk_peak / hd.chunk_frames > base.encode_chunk_peak / base.chunk_frames
+
+
 def test_measured_rss_method_runs():
     meas = M.measure_slope(lambda n: torch.ones(n, 1 << 18), [1, 2], method="rss")
     assert meas.method == "rss" and len(meas.bytes) == 2 and "sanity" in meas.tolerance
@@ -150,3 +180,36 @@ def test_cuda_peak_slope_of_kv():
     assert meas.slope >= p.kv_per_frame  # the peak holds the KV plus activations
     # one chunk holds every frame of the tiny model: the encode peak per frame bounds the rest
     assert meas.slope <= 2 * (M.encode_chunk_peak_bytes(model.config, 1, 6, torch.float32) + p.per_frame)
+
+
+def test_peak_memory_sees_a_transient_host_allocation():
+    if not M.reset_peak_rss():
+        pytest.skip("needs Linux /proc/self/clear_refs")
+    size = 64 * MiB
+    with M.peak_memory("cpu") as peak:
+        block = torch.ones(size // 4)  # touched, so resident
+        del block
+    assert peak.device_peak is None
+    # freed before the end, still seen at its peak (memory other tests' threads free meanwhile can
+    # absorb part of it; a peak that missed the block would show ~0)
+    assert 0.5 * size <= peak.host_above_start < size + 32 * MiB
+
+
+def test_plan_measure_reports_measured_memory_beside_the_prediction(capsys):
+    import json
+
+    from llava_mini.cli import main
+
+    assert main(["plan", "--preset", "tiny", "--dtype", "fp32", "--measure", "--frames", "2", "8",
+                 "--device", "cpu", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    m = d["measured_memory"]
+    assert m["device"] == "cpu" and [r["frames"] for r in m["rows"]] == [2, 8]
+    for r in m["rows"]:
+        assert r["predicted_peak"] >= d["weights"] and r["device_peak"] is None
+        if r["host_peak"] is not None:
+            assert r["host_peak"] >= r["host_above_start"] >= 0  # 0 when freed heap pages absorb the run
+    assert "measured" not in d  # the budget search needs a GPU
+    assert main(["plan", "--preset", "tiny", "--dtype", "fp32", "--measure", "--frames", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak" in out and "host peak RSS" in out

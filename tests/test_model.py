@@ -243,13 +243,14 @@ def test_hd_video_runs_each_frame_as_blocks_plus_the_whole():
     loop = model_of("tiny-hd", **reference_savings()).encode(videos=[frames], input_ids=[PROMPTS[0]])
     assert loop.inputs_embeds.shape == (1, 4 + 3 * 4, 64)  # L - 1 + T * C^2 with C = 2
     model = model_of("tiny-hd")
-    pixels = model.prepare_video(frames)
-    assert pixels.shape == (3, 5, 3, 28, 28)
+    clip = model.prepare_video(frames)  # nothing decoded or preprocessed yet: chunks on demand
+    pixels = torch.cat(list(clip.chunks(8, pipeline=False)))
+    assert clip.count == 3 and pixels.shape == (3, 5, 3, 28, 28)
     batched = model.encode(videos=[frames], input_ids=[PROMPTS[0]])
     torch.testing.assert_close(batched.inputs_embeds, loop.inputs_embeds, atol=ATOL, rtol=0)
     ready = model.encode(videos=[pixels], input_ids=[PROMPTS[0]])  # ready pixel values are taken as they are
     torch.testing.assert_close(ready.inputs_embeds, batched.inputs_embeds, atol=0, rtol=0)
     chunked = model_of("tiny-hd", frame_budget_bytes=1).encode(videos=[frames], input_ids=[PROMPTS[0]])
     torch.testing.assert_close(chunked.inputs_embeds, loop.inputs_embeds, atol=ATOL, rtol=0)
-    with pytest.raises(ValueError, match=r"video: expected pixel values \[B > 0, 5, 3, 28, 28\]"):
+    with pytest.raises(ValueError, match=r"video: a tensor must hold ready pixel values \[T > 0, 5, 3, 28, 28\]"):
         model.encode(videos=[pixels[:, 0]], input_ids=[PROMPTS[0]])

@@ -16,6 +16,7 @@ from llava_mini.lmm.compressor import Resampler
 from llava_mini.lmm.config import IMAGE_TOKEN_INDEX, LlavaMiniConfig
 from llava_mini.lmm.generation import LLMInput, generate
 from llava_mini.lmm.prefusion import PreFusion, Prefix
+from llava_mini.lmm.video import VideoFrames, available_memory, open_video
 
 
 @dataclass
@@ -26,12 +27,15 @@ class Savings:
     prune_last_layer: the last pre-fusion layer computes only the rows that are used.
     batch_frames: video frames go through the model in batched chunks, not one at a time.
     frame_budget_bytes: activation memory one chunk of frames may use (sizes the chunks).
+    pipeline_frames: a video's next chunk is decoded and preprocessed on a background thread while
+        the model works on the current one (same result; off decodes in line).
     """
 
     prefix_split: bool = True
     prune_last_layer: bool = True
     batch_frames: bool = True
     frame_budget_bytes: int = 4 << 30
+    pipeline_frames: bool = True
 
 
 @contextlib.contextmanager
@@ -44,6 +48,21 @@ def default_dtype_and_device(dtype, device):
             yield
     finally:
         torch.set_default_dtype(old)
+
+
+def frames_per_chunk(config: LlavaMiniConfig, itemsize: int, budget_bytes: int) -> int:
+    """Video frames per batched launch: ``budget_bytes`` of activations over a per-frame estimate
+    (CLIP on each of the frame's crops, its pre-fusion rows) at ``itemsize`` bytes per value. The
+    model and the memory planner both size chunks by it."""
+    t, v = config.text, config.vision
+    r = config.resolution_ratio
+    crops = 1 if r == 1 else r * r + 1  # CLIP inputs per frame
+    rows = crops * config.num_patches + config.tokens_per_image
+    kv = 2 * max(config.prefusion_layers, 1) * t["num_key_value_heads"] * (t["hidden_size"] // t["num_attention_heads"])
+    prefusion = rows * (kv + 4 * t["hidden_size"] + 2 * t["intermediate_size"])
+    clip = crops * ((config.num_patches + 1) * (6 * v["hidden_size"] + v["intermediate_size"])
+                    + v["num_attention_heads"] * (config.num_patches + 1) ** 2)
+    return max(1, budget_bytes // ((prefusion + clip) * itemsize))
 
 
 class LlavaMini(nn.Module):
@@ -176,58 +195,84 @@ class LlavaMini(nn.Module):
         self.check_pixels(pixels)
         return pixels.to(self.device, self.dtype)
 
-    def prepare_video(self, video, fps: float = 1.0, max_frames: int | None = 1000) -> torch.Tensor:
-        """A video file or a list of frames -> frame pixel values [T, 3, S, S] (HD: [T, r*r+1, 3, S, S]),
-        kept where they are.
+    def prepare_video(self, video, fps: float = 1.0, max_frames: int | None = None) -> VideoFrames:
+        """A video file, a list of frames or ready pixel values -> ``VideoFrames`` (nothing decoded yet).
 
-        A tensor is taken as ready (preprocessed) pixel values. Frames move to the device one
-        chunk at a time, so a long video never sits there whole.
+        Files follow the released frame selection (``int(total_frames // avg_fps)`` frames at the
+        middles of equal segments); ``fps`` scales the count and ``max_frames`` caps it. Frames are
+        decoded, preprocessed and moved to the device one chunk at a time (``frame_chunks``).
         """
-        if isinstance(video, torch.Tensor):
-            self.check_pixels(video, "video")
-            return video
-        return processing.preprocess_video(video, self.image_processor, fps, max_frames, self.config.resolution_ratio)
+        return open_video(video, self.image_processor, self.config.resolution_ratio, fps, max_frames)
 
-    def frame_chunks(self, frames: torch.Tensor):
-        """Consecutive chunks of frames on the device: ``frame_chunk()`` at a time, or one by one
-        (the released per-frame loop) when ``savings.batch_frames`` is off."""
-        chunk = self.frame_chunk() if self.savings.batch_frames else 1
-        for i in range(0, frames.shape[0], chunk):
-            yield frames[i:i + chunk].to(self.device, self.dtype, non_blocking=True)
+    def frame_chunks(self, frames: VideoFrames):
+        """Consecutive chunks of frame pixels on the device: ``frame_chunk()`` frames at a time, or
+        one by one (the released per-frame loop) when ``savings.batch_frames`` is off. With
+        ``savings.pipeline_frames`` the next chunk decodes on a background thread meanwhile."""
+        size = self.frame_chunk() if self.savings.batch_frames else 1
+        chunks = frames.chunks(size, pipeline=self.savings.pipeline_frames, pin_memory=self.device.type == "cuda")
+        # map keeps no reference to a chunk it has handed on: the caller alone decides when it is freed.
+        # contiguous: a slice of expanded or permuted pixels would send CLIP's convolution down a slow path
+        return map(lambda chunk: chunk.to(self.device, self.dtype, non_blocking=True).contiguous(), chunks)
 
     @torch.no_grad()
-    def prefix(self, images=None, video=None, fps: float = 1.0, max_frames: int | None = 1000,
-               backend: str | None = None) -> Prefix:
+    def prefix(self, images=None, video=None, fps: float = 1.0, max_frames: int | None = None,
+               budget_bytes: int | None = None, backend: str | None = None) -> Prefix:
         """The text-independent pre-fusion of images (one row each) or of one video's frames.
 
         Keep it and pass it as ``prefix=`` to ``encode``/``generate``: further questions about the
-        same images then run pre-fusion over their text only.
+        same images then run pre-fusion over their text only. A video's prefix keeps every frame's
+        pre-fusion keys/values (``prefix_bytes_per_frame()`` each: about 38 MB per frame for
+        Vicuna-7B in bf16, so ~37 GB for 1,000 frames); a video whose prefix would exceed
+        ``budget_bytes`` (default: the device's free memory) is refused before any work. To
+        answer one question about a long video, ``encode(videos=...)`` keeps only C^2 tokens per frame.
         """
         if (images is None) == (video is None):
             raise ValueError("prefix: give exactly one of images= or video=")
         with self.backend_scope(backend):
             if video is not None:
-                return self.prefix_frames(self.prepare_video(video, fps, max_frames))
+                frames = self.prepare_video(video, fps, max_frames)
+                self.check_prefix_budget(frames.count, budget_bytes)
+                return self.prefix_frames(frames)
             return self.prefusion.prefix(*self.embed_vision(self.prepare_images(images)),
                                          prune_last_layer=self.savings.prune_last_layer)
 
-    def prefix_frames(self, frames: torch.Tensor) -> Prefix:
+    def prefix_frames(self, frames: VideoFrames) -> Prefix:
         """Every frame's prefix, kept (its keys/values cost memory per frame: for caching only)."""
-        return Prefix.cat([self.prefusion.prefix(*self.embed_vision(chunk), self.savings.prune_last_layer)
-                           for chunk in self.frame_chunks(frames)])
+        return Prefix.cat(list(map(self.prefix_chunk, self.frame_chunks(frames))))
+
+    def prefix_chunk(self, pixels: torch.Tensor) -> Prefix:
+        return self.prefusion.prefix(*self.embed_vision(pixels), self.savings.prune_last_layer)
+
+    def prefix_bytes_per_frame(self) -> int:
+        """Bytes a video prefix keeps per frame: every pre-fusion layer's keys and values for the
+        frame's vision + compressed rows, plus its C^2 pre-fused tokens."""
+        t, r = self.config.text, self.config.resolution_ratio
+        rows = self.config.num_patches * (r * r + 1 if r > 1 else 1) + self.config.tokens_per_image
+        head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+        kv = self.config.prefusion_layers * 2 * t["num_key_value_heads"] * head_dim * rows
+        itemsize = torch.finfo(self.dtype).bits // 8
+        return (kv + self.config.tokens_per_image * t["hidden_size"]) * itemsize
+
+    def check_prefix_budget(self, frames: int, budget_bytes: int | None) -> None:
+        """Refuse a video prefix of ``frames`` frames that would not fit ``budget_bytes`` (default: free memory)."""
+        source = "given"
+        if budget_bytes is None:
+            budget_bytes, source = available_memory(self.device), f"free on {self.device.type}"
+            if budget_bytes is None:
+                return
+        per_frame = self.prefix_bytes_per_frame()
+        need = frames * per_frame
+        if need > budget_bytes:
+            gib = 1 << 30
+            raise ValueError(
+                f"video: its prefix would keep {frames:,} frames x {per_frame / (1 << 20):,.2f} MiB = {need / gib:,.2f} GiB "
+                f"of pre-fusion keys/values, over the budget of {budget_bytes / gib:,.2f} GiB ({source}); "
+                f"encode(videos=...) keeps only {self.config.tokens_per_image} token(s) per frame, or pass "
+                f"max_frames= or a larger budget_bytes=")
 
     def frame_chunk(self) -> int:
         """Frames per batched launch: the activation budget over a per-frame estimate."""
-        t, v = self.config.text, self.config.vision
-        itemsize = torch.finfo(self.dtype).bits // 8
-        r = self.config.resolution_ratio
-        crops = 1 if r == 1 else r * r + 1  # CLIP inputs per frame
-        rows = crops * self.config.num_patches + self.config.tokens_per_image
-        kv = 2 * max(self.config.prefusion_layers, 1) * t["num_key_value_heads"] * (t["hidden_size"] // t["num_attention_heads"])
-        prefusion = rows * (kv + 4 * t["hidden_size"] + 2 * t["intermediate_size"])
-        clip = crops * ((self.config.num_patches + 1) * (6 * v["hidden_size"] + v["intermediate_size"])
-                        + v["num_attention_heads"] * (self.config.num_patches + 1) ** 2)
-        return max(1, self.savings.frame_budget_bytes // ((prefusion + clip) * itemsize))
+        return frames_per_chunk(self.config, torch.finfo(self.dtype).bits // 8, self.savings.frame_budget_bytes)
 
     # --- text ------------------------------------------------------------------------------------
     def prompt_ids(self, input_ids=None, prompts=None, attention_mask=None, with_image: bool = True) -> list[list[int]]:
@@ -254,13 +299,16 @@ class LlavaMini(nn.Module):
     # --- encode ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images=None, input_ids=None, *, prompts=None, videos=None, prefix: Prefix | None = None,
-               attention_mask=None, fps: float = 1.0, max_frames: int | None = 1000,
+               attention_mask=None, fps: float = 1.0, max_frames: int | None = None,
                backend: str | None = None) -> LLMInput:
         """What the LLM receives: fused text with each prompt's ``<image>`` replaced by its vision tokens.
 
         Give one of ``images`` (a list, one per prompt), ``videos`` (a list of files or frame lists,
         one per prompt), ``prefix`` (from ``prefix()``, one row per prompt), or none (text only).
-        Prompts are ``input_ids`` (holding IMAGE_TOKEN_INDEX once) or text ``prompts``.
+        Prompts are ``input_ids`` (holding IMAGE_TOKEN_INDEX once) or text ``prompts``. Video files
+        stream: memory holds a chunk or two of frames and C^2 tokens per frame (see ``prepare_video``).
+        A result longer than the LLM's ``max_position_embeddings`` raises ValueError (before the
+        work, for videos).
         """
         sources = [s is not None for s in (images, videos, prefix)]
         if sum(sources) > 1:
@@ -275,7 +323,14 @@ class LlavaMini(nn.Module):
             if videos is not None:
                 videos = list(videos) if isinstance(videos, (list, tuple)) else [videos]
                 ids = self.broadcast(ids, len(videos), "videos")
-                fused = [self.fuse_video(self.prepare_video(v, fps, max_frames), r) for v, r in zip(videos, ids)]
+                clips = [self.prepare_video(v, fps, max_frames) for v in videos]
+                cut = self.config.tokenizer_model_max_length  # truncation (as released) comes first
+                for clip, row in zip(clips, ids):
+                    tokens = clip.count * self.config.tokens_per_image + len(row) - 1
+                    self.check_context_length(tokens if cut is None else min(tokens, cut),
+                                              f"{clip.count:,} frames x {self.config.tokens_per_image} + "
+                                              f"{len(row) - 1} text tokens")
+                fused = [self.fuse_video(clip, r) for clip, r in zip(clips, ids)]
             else:
                 if prefix is None:
                     pixels = self.prepare_images(images)
@@ -289,8 +344,10 @@ class LlavaMini(nn.Module):
                 else:
                     fused = zip(*self.fuse_reference(vision, compressed, ids))
             image_pos = [self.image_position(r, i) for i, r in enumerate(ids)]
-            return LLMInput.left_pad(self.truncate([torch.cat([text[:p], vis, text[p + 1:len(r)]])
-                                                    for (vis, text), p, r in zip(fused, image_pos, ids)]))
+            out = LLMInput.left_pad(self.truncate([torch.cat([text[:p], vis, text[p + 1:len(r)]])
+                                                   for (vis, text), p, r in zip(fused, image_pos, ids)]))
+            self.check_context_length(out.inputs_embeds.shape[1])
+            return out
 
     def truncate(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each prompt's LLM input cut to ``config.tokenizer_model_max_length`` positions (as released);
@@ -302,6 +359,15 @@ class LlavaMini(nn.Module):
         warnings.warn(f"tokenizer_model_max_length: the LLM input ({longest} positions) is cut to the config's "
                       f"limit of {limit}, as the released code does; the tokens after it are dropped")
         return [r[:limit] for r in rows]
+
+    def check_context_length(self, tokens: int, detail: str = "") -> None:
+        """Refuse a sequence longer than the LLM's ``max_position_embeddings`` (past it, RoPE
+        positions run beyond what the model was trained on, silently)."""
+        limit = self.llm.config.max_position_embeddings
+        if tokens > limit:
+            detail = f" ({detail})" if detail else ""
+            raise ValueError(f"context: {tokens:,} tokens{detail} exceed the LLM's max_position_embeddings "
+                             f"of {limit:,}; use fewer frames (max_frames=, fps=) or a longer-context LLM")
 
     def broadcast(self, ids, count: int, argument: str) -> list[list[int]]:
         if len(ids) == count:
@@ -337,29 +403,39 @@ class LlavaMini(nn.Module):
         (unfused) embedding back, as released."""
         return torch.where(valid[..., None], fused, text)
 
-    def fuse_video(self, frames: torch.Tensor, ids: list[int]):
+    def fuse_video(self, frames, ids: list[int]):
         """One prompt over T frames: (all frames' tokens [T*C^2, d], fused text averaged over frames in fp32).
 
-        Chunk by chunk: each chunk's pre-fusion keys/values are dropped once its text is fused, so
-        memory holds only the C^2 tokens per frame.
+        ``frames``: ``VideoFrames`` or anything ``prepare_video`` takes. Chunk by chunk: each chunk's
+        pixels and pre-fusion keys/values are dropped once its text is fused, so memory holds one
+        chunk's activations and the C^2 tokens per frame.
         """
-        compressed, total = [], 0
+        if not isinstance(frames, VideoFrames):
+            frames = self.prepare_video(frames)
+        # what the loop keeps is allocated once, up front: nothing long-lived is interleaved with the
+        # chunks' transient activations, so the allocator reuses the same memory for every chunk
+        d = self.llm.config.hidden_size
+        compressed = torch.empty(frames.count, self.config.tokens_per_image, d, dtype=self.dtype, device=self.device)
+        total = torch.zeros(len(ids), d, dtype=torch.float32, device=self.device)
+        done = 0
         for chunk in self.frame_chunks(frames):
             vision, comp = self.embed_vision(chunk)
             rows = [ids] * chunk.shape[0]
+            del chunk  # free these frames before the next chunk is decoded
             if self.savings.prefix_split:
                 comp, text = self.fuse_text(self.prefusion.prefix(vision, comp, self.savings.prune_last_layer), rows)
             else:
                 comp, text = self.fuse_reference(vision, comp, rows)
-            compressed.append(comp)
-            total = total + text.float().sum(0)
-        return torch.cat(compressed).flatten(0, 1), (total / frames.shape[0]).to(self.dtype)
+            compressed[done:done + comp.shape[0]] = comp
+            done += comp.shape[0]
+            total += text.float().sum(0)
+        return compressed.flatten(0, 1), (total / frames.count).to(self.dtype)
 
     # --- generate ------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, images=None, input_ids=None, *, prompts=None, videos=None, prefix: Prefix | None = None,
                  attention_mask=None, generation_config: GenerationConfig | None = None, fps: float = 1.0,
-                 max_frames: int | None = 1000, backend: str | None = None, **generate_kwargs):
+                 max_frames: int | None = None, backend: str | None = None, **generate_kwargs):
         """Encode the inputs, then decode with transformers' ``generate`` from the fused embeddings.
 
         Inputs as for ``encode`` (``attention_mask`` is that of ``input_ids``). Decoding options
@@ -382,7 +458,20 @@ class LlavaMini(nn.Module):
         with self.backend_scope(backend) as name:
             prompt = self.encode(images, input_ids, prompts=prompts, videos=videos, prefix=prefix,
                                  attention_mask=attention_mask, fps=fps, max_frames=max_frames, backend=name)
+            length, new = prompt.inputs_embeds.shape[1], self.new_tokens(generation_config, generate_kwargs)
+            self.check_context_length(length + new, f"a prompt of {length:,} + {new:,} new tokens")
             return generate(self.llm, prompt, generation_config, **generate_kwargs)
+
+    def new_tokens(self, generation_config: GenerationConfig | None, generate_kwargs: dict) -> int:
+        """The most tokens ``generate`` may add: ``max_new_tokens``, else ``max_length`` (from an
+        embeddings-only prompt transformers counts new tokens in it), from the keyword arguments, else
+        ``generation_config``, else the LLM's."""
+        config = generation_config if isinstance(generation_config, GenerationConfig) else self.llm.generation_config
+        for name in ("max_new_tokens", "max_length"):
+            value = generate_kwargs.get(name, getattr(config, name, None))
+            if isinstance(value, int) and value >= 0:  # anything else: transformers' own error follows
+                return value
+        return 0
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Token ids [B, n] -> text (needs a tokenizer)."""

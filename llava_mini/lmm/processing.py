@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -143,57 +142,6 @@ def preprocess_video_frames(frames, processor, resolution_ratio: int = 1) -> tor
     if not out:
         raise ValueError("video: expected at least one frame, got an empty video")
     return torch.stack(out)
-
-
-# --- video -----------------------------------------------------------------------------------------
-def sample_times(duration: float, fps: float, max_frames: int | None) -> list[float]:
-    """Timestamps (s) to sample: one every 1/fps from the middle of each interval, capped uniformly."""
-    count = max(1, math.floor(duration * fps))
-    times = [(i + 0.5) / fps for i in range(count)]
-    if max_frames is not None and len(times) > max_frames:
-        idx = np.linspace(0, len(times) - 1, max_frames).round().astype(int)
-        times = [times[i] for i in idx]
-    return times
-
-
-def decode_video(path: str | os.PathLike, fps: float = 1.0, max_frames: int | None = 1000) -> list[np.ndarray]:
-    """Decode a video file with PyAV and sample about ``fps`` frames per second (at most ``max_frames``)."""
-    if fps <= 0:
-        raise ValueError(f"fps: expected a positive number, got {fps}")
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"max_frames: expected a positive int or None, got {max_frames}")
-    try:
-        import av
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
-        raise ImportError("decoding video files needs PyAV: pip install 'llava-mini[video]'") from e
-    if not Path(path).is_file():
-        raise ValueError(f"video: no such file {str(path)!r}")
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ValueError(f"video: {str(path)!r} has no video stream")
-            stream = container.streams.video[0]
-            frames = [(float(f.pts * stream.time_base), f.to_ndarray(format="rgb24"))
-                      for f in container.decode(stream) if f.pts is not None]
-    except av.error.FFmpegError as e:
-        raise ValueError(f"video: cannot decode {str(path)!r} ({e})") from e
-    if not frames:
-        raise ValueError(f"video: {str(path)!r} holds no frames")
-    frame_times = np.array([t for t, _ in frames])
-    duration = frame_times[-1] - frame_times[0] + (1.0 / float(stream.average_rate or 1))
-    wanted = sample_times(duration, fps, max_frames)
-    picks = [int(np.abs(frame_times - frame_times[0] - t).argmin()) for t in wanted]
-    return [frames[i][1] for i in picks]
-
-
-def preprocess_video(video, processor, fps: float = 1.0, max_frames: int | None = 1000,
-                     resolution_ratio: int = 1) -> torch.Tensor:
-    """A video file path or a list of frames -> pixel values [T, 3, S, S] ([T, r*r + 1, 3, S, S] for HD)."""
-    if isinstance(video, (str, os.PathLike)):
-        video = decode_video(video, fps, max_frames)
-    if not isinstance(video, (list, tuple)):
-        raise TypeError(f"video: expected a file path or a list of frames, got {type(video).__name__}")
-    return preprocess_video_frames(video, processor, resolution_ratio)
 
 
 # --- prompts ---------------------------------------------------------------------------------------

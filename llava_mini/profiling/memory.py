@@ -15,7 +15,9 @@ measurement can be compared term by term.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -170,7 +172,7 @@ class Plan:
 
 
 def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64, new_tokens: int = 32,
-         model: str = "mini", chunk_frames: int = 16, attn: str = "sdpa", margin: float = DEFAULT_MARGIN,
+         model: str = "mini", chunk_frames: int | None = None, attn: str = "sdpa", margin: float = DEFAULT_MARGIN,
          pixels_on_device: bool = False, keep_prefix_kv: bool = False) -> Plan:
     """Predict the most video frames one prompt can hold in ``vram_bytes``.
 
@@ -181,7 +183,8 @@ def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64,
         prompt_len: L prompt tokens (with the placeholder).
         new_tokens: tokens to generate (their KV counts).
         model: ``"mini"`` or ``"baseline"`` (576 tokens per frame; no pre-fusion).
-        chunk_frames: frames encoded per batched launch (the encode activation peak scales with it).
+        chunk_frames: frames encoded per batched launch (the encode activation peak scales with it);
+            None: as the model sizes them by default (``frames_per_chunk``; fewer for HD).
         attn: ``"sdpa"``/``"flash"`` (no score matrix) or ``"eager"`` (scores materialised: quadratic).
         margin: fraction of the budget held back (allocator fragmentation, CUDA context, workspaces).
         pixels_on_device: all frames' pixels stay on the device (else streamed per chunk).
@@ -202,9 +205,11 @@ def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64,
         raise ValueError(f"attn: expected one of {ATTN_IMPLS}, got {attn!r}")
     _nonneg_int("prompt_len", prompt_len, 1)
     _nonneg_int("new_tokens", new_tokens, 0)
+    if chunk_frames is None:
+        from llava_mini.lmm.model import Savings, frames_per_chunk
+
+        chunk_frames = frames_per_chunk(config, _dtype_bytes(dtype), Savings().frame_budget_bytes)
     _nonneg_int("chunk_frames", chunk_frames, 1)
-    if config.resolution_ratio > 1:
-        raise ValueError("config: video frames run at 336 px; the HD model (resolution_ratio > 1) takes images")
     b = _dtype_bytes(dtype)
     s = shapes(config)
     weights = weight_bytes(config, model, dtype)["total"]
@@ -213,12 +218,14 @@ def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64,
     act_tok = llm_activation_bytes_per_token(config, dtype)
     embeds_tok = 3 * s.d * b  # the fused rows, the concatenated prompt, the left-padded batch copy
     eager_quadratic = attn == "eager"
+    r = config.resolution_ratio
+    crops = r * r + 1 if r > 1 else 1  # an HD frame is r x r blocks and the whole frame, as released
     kept = 0
     notes = []
     if pixels_on_device:
-        kept += s.channels * config.crop_size ** 2 * b
+        kept += crops * s.channels * config.crop_size ** 2 * b
     if keep_prefix_kv and model == "mini":
-        rows = config.num_patches + tpf + prompt_len
+        rows = crops * config.num_patches + tpf + prompt_len
         kept += config.prefusion_layers * rows * 2 * s.kv_heads * s.head_dim * b
     per_frame = tpf * (kv_tok + embeds_tok + act_tok) + kept
     fixed_tokens = prompt_len - 1 + new_tokens
@@ -298,6 +305,99 @@ def process_rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux VmHWM) to its current RSS; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak RSS since the last reset (Linux VmHWM), or None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+@dataclass
+class PeakMemory:
+    """Peaks over a block (``with peak_memory() as peak``), absolute and above the block's start.
+
+    ``host_*``: process RSS (None where VmHWM cannot be reset); ``device_*``: CUDA memory allocated
+    by tensors (None off CUDA).
+    """
+
+    host_start: int | None = None
+    host_peak: int | None = None
+    device_start: int | None = None
+    device_peak: int | None = None
+
+    @property
+    def host_above_start(self) -> int | None:
+        return None if self.host_peak is None else self.host_peak - self.host_start
+
+    @property
+    def device_above_start(self) -> int | None:
+        return None if self.device_peak is None else self.device_peak - self.device_start
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "host_above_start": self.host_above_start,
+                "device_above_start": self.device_above_start}
+
+
+@contextlib.contextmanager
+def peak_memory(device=None):
+    """Measure the peak host RSS and peak CUDA allocation while the block runs.
+
+    Host: the kernel's high-water mark, reset at the start (exact, whatever thread allocates).
+    Device: ``torch.cuda.max_memory_allocated`` (when ``device`` is CUDA).
+    """
+    device = torch.device(device) if device is not None else None
+    cuda = device is not None and device.type == "cuda"
+    peak = PeakMemory()
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        peak.device_start = torch.cuda.memory_allocated(device)
+    if reset_peak_rss():
+        peak.host_start = process_rss_bytes()
+    yield peak
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak.device_peak = torch.cuda.max_memory_allocated(device)
+    if peak.host_start is not None:
+        peak.host_peak = peak_rss_bytes()
+
+
+def measure_video_memory(run: Callable[[int], object], frames, predict: Callable[[int], int], device=None) -> list[dict]:
+    """Run ``run(count)`` (a video of ``count`` frames through encode + prefill) for each count and
+    put the measured peaks beside ``predict(count)``, the predicted peak.
+
+    Each row: ``frames``, ``predicted_peak``, ``device_peak`` (CUDA, absolute), ``host_peak`` (RSS,
+    absolute) and ``host_above_start`` (RSS above the process's before the run: activations,
+    frames, caches).
+    """
+    rows = []
+    for count in frames:
+        _nonneg_int("frames", count, 1)
+        with peak_memory(device) as peak:
+            out = run(count)
+            del out
+        rows.append(dict(frames=count, predicted_peak=predict(count),
+                         device_peak=peak.device_peak, host_peak=peak.host_peak,
+                         host_above_start=peak.host_above_start))
+    return rows
 
 
 @dataclass
@@ -438,4 +538,5 @@ def format_bytes(n: float) -> str:
 
 __all__ = ["Plan", "MemoryMeasurement", "kv_bytes_per_token", "kv_bytes_per_image", "tokens_per_image",
            "weight_bytes", "llm_activation_bytes_per_token", "encode_chunk_peak_bytes", "plan", "cache_bytes",
-           "measure_slope", "max_frames_in_budget", "process_rss_bytes", "format_bytes", "GiB", "MiB", "KiB"]
+           "measure_slope", "max_frames_in_budget", "process_rss_bytes", "reset_peak_rss", "peak_rss_bytes",
+           "PeakMemory", "peak_memory", "measure_video_memory", "format_bytes", "GiB", "MiB", "KiB"]
