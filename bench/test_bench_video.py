@@ -10,10 +10,13 @@ measurement runs in its own process, so each peak is its own:
 - ``pipelined``: the file through ``model.encode`` (decoding on a background thread: the default);
 - ``decode_all``: the pre-streaming path (every frame of the file decoded to RGB, the selected
   ones preprocessed into one tensor, then encoded), only where its predicted memory fits
-  ``--decode-all-limit``.
+  ``--decode-all-limit``;
+- ``overlap``: the pipelined time over max(decode alone, model alone), the bound that overlap
+  allows, measured with the project's protocol (``estimate.paired_ratio``: the two sides
+  interleaved in one process, the median ratio with its 95% interval) at ``--overlap-frames``.
 
 Reports frames/s, peak host RSS (absolute and above the loaded, warmed-up model), peak device
-memory (GPU), and the pipelined time over max(decode alone, model alone). Results go to
+memory (GPU), and the overlap ratio with its interval. Results go to
 ``bench/results/<device>/video.json`` after every case; a rerun skips the cases already there
 (``--fresh`` starts over), so a long run can be stopped and resumed. Timings are never asserted.
 
@@ -36,7 +39,7 @@ import pytest
 import torch
 
 RESOLUTIONS = {"480p": (640, 480), "1080p": (1920, 1080)}
-PATHS = ("decode", "model", "pipelined", "decode_all")
+PATHS = ("decode", "model", "pipelined", "decode_all", "overlap")
 PROMPT_TOKENS = 43
 LONG_CONTEXT = 131_072  # Llama-3.1's max_position_embeddings
 MiB = 1 << 20
@@ -60,11 +63,10 @@ def decode_all(model, path: str, ids: list[int]):
     return model.encode(videos=[pixels], input_ids=[ids])
 
 
-def run_case(case: dict) -> dict:
-    """Measure one case (``path``, ``frames``, ``clip``, ``preset``, ``device``, ``dtype``, ``backend``, ``budget``)."""
+def load_model(case: dict):
+    """(model, prompt ids, case with what was changed for it) for one case, warmed up."""
     from llava_mini.lmm import LlavaMini, LlavaMiniConfig, Savings
     from llava_mini.profiling.latency import random_inputs
-    from llava_mini.profiling.memory import peak_memory, process_rss_bytes
 
     torch.manual_seed(0)
     device, dtype = torch.device(case["device"]), getattr(torch, case["dtype"])
@@ -83,14 +85,56 @@ def run_case(case: dict) -> dict:
     ids = random_inputs(model, 1, PROMPT_TOKENS)[1][0]
     s = model.config.crop_size
     model.encode(videos=[torch.zeros(2, 3, s, s)], input_ids=[ids])  # warm-up: lazy allocations, thread pools
-    work = {
+    return model, ids, case
+
+
+def workloads(model, ids: list[int], case: dict) -> dict:
+    """The measured paths, each a call that does the whole work once."""
+    s = model.config.crop_size
+    return {
         # deque(maxlen=0) consumes without keeping a chunk alive
         "decode": lambda: collections.deque(model.prepare_video(case["clip"]).chunks(model.frame_chunk(), False), 0),
         "model": lambda: model.encode(videos=[torch.randn(1, 3, s, s).expand(case["frames"], 3, s, s)],
                                       input_ids=[ids]),
         "pipelined": lambda: model.encode(videos=[case["clip"]], input_ids=[ids]),
         "decode_all": lambda: decode_all(model, case["clip"], ids),
-    }[case["path"]]
+    }
+
+
+def run_overlap(case: dict) -> dict:
+    """Pipelined time over max(decode alone, model alone), paired and interleaved (``paired_ratio``).
+
+    Each denominator sample times decoding alone and the model alone back to back and keeps the
+    larger: the time a perfect overlap of the two would take. A ratio near 1 means decoding hides
+    entirely behind the model (or the reverse); near 2, nothing overlaps.
+    """
+    from llava_mini.profiling.estimate import Protocol, paired_ratio, timer
+
+    model, ids, case = load_model(case)
+    work = workloads(model, ids, case)
+    decode, model_alone, pipelined = (timer(work[k], case["device"]) for k in ("decode", "model", "pipelined"))
+    sides = []
+
+    def bound() -> float:
+        sides.append((decode(), model_alone()))
+        return max(sides[-1])
+
+    protocol = Protocol(rel_width=0.1, budget_s=case["overlap_budget_s"], warmup=1)
+    c = paired_ratio(pipelined, bound, protocol)
+    sides = sides[protocol.warmup:]  # the pairs the ratio was taken over
+    return dict(case, overlap=c.to_dict(), decode_ms=[d for d, _ in sides], model_ms=[m for _, m in sides],
+                protocol=protocol.to_dict())
+
+
+def run_case(case: dict) -> dict:
+    """Measure one case (``path``, ``frames``, ``clip``, ``preset``, ``device``, ``dtype``, ``backend``, ``budget``)."""
+    from llava_mini.profiling.memory import peak_memory, process_rss_bytes
+
+    if case["path"] == "overlap":
+        return run_overlap(case)
+    model, ids, case = load_model(case)
+    device = torch.device(case["device"])
+    work = workloads(model, ids, case)[case["path"]]
     model_rss = process_rss_bytes()
     with peak_memory(device) as peak:
         start = time.perf_counter()
@@ -129,12 +173,15 @@ def plan_cases(args) -> list[dict]:
     base = dict(preset=args.preset, device=args.device, dtype=args.dtype, backend=args.backend, budget=args.budget,
                 source_fps=args.source_fps)
     cases = []
+    if "overlap" in args.paths:
+        cases += [dict(base, path="overlap", resolution=resolution, frames=frames, overlap_budget_s=args.overlap_budget_s)
+                  for frames in args.overlap_frames for resolution in args.resolutions]
     for frames in args.frames:
         if "model" in args.paths:
             cases.append(dict(base, path="model", resolution="-", frames=frames))
         for resolution in args.resolutions:
             for path in args.paths:
-                if path == "model":
+                if path in ("model", "overlap"):
                     continue
                 if path == "decode_all" and decode_all_bytes(resolution, frames, args.source_fps) > args.decode_all_limit:
                     continue
@@ -157,34 +204,29 @@ def run_in_process(case: dict) -> dict:
 
 
 def overlap_ratios(rows: list[dict]) -> list[dict]:
-    """Pipelined time over max(decode alone, model alone), per resolution and frame count."""
-    ok = [r for r in rows if "error" not in r]
-    model = {(r["frames"], r["preset"]): r["seconds"] for r in ok if r["path"] == "model"}
-    decode = {(r["resolution"], r["frames"], r["preset"]): r["seconds"] for r in ok if r["path"] == "decode"}
-    out = []
-    for r in ok:
-        key = (r["resolution"], r["frames"], r["preset"])
-        if r["path"] == "pipelined" and key in decode and (r["frames"], r["preset"]) in model:
-            bound = max(decode[key], model[(r["frames"], r["preset"])])
-            out.append(dict(resolution=r["resolution"], frames=r["frames"], preset=r["preset"],
-                            pipelined_s=r["seconds"], decode_s=decode[key], model_s=model[(r["frames"], r["preset"])],
-                            ratio=r["seconds"] / bound))
-    return out
+    """The overlap cases' ratios (pipelined / max(decode, model)), each a median with its interval."""
+    return [dict(resolution=r["resolution"], frames=r["frames"], preset=r["preset"], **r["overlap"])
+            for r in rows if r["path"] == "overlap" and "error" not in r]
 
 
 def print_table(rows: list[dict]) -> None:
+    from llava_mini.profiling.estimate import format_estimate
+
     mib = lambda n: "-" if n is None else f"{n / MiB:,.0f}"  # noqa: E731
     print(f"{'path':<11}{'res':>6}{'frames':>8}{'s':>10}{'frames/s':>10}{'host peak MiB':>15}"
           f"{'above model':>13}{'device peak MiB':>17}")
     for r in sorted(rows, key=lambda r: (r["frames"], r["path"], r["resolution"])):
+        if r["path"] == "overlap" and "error" not in r:
+            continue
         if "error" in r:
             print(f"{r['path']:<11}{r['resolution']:>6}{r['frames']:>8}  error: {r['error']}")
             continue
         print(f"{r['path']:<11}{r['resolution']:>6}{r['frames']:>8}{r['seconds']:>10.1f}{r['frames_per_s']:>10.2f}"
               f"{mib(r['host_peak']):>15}{mib(r['host_above_model']):>13}{mib(r['device_peak']):>17}")
     for o in overlap_ratios(rows):
-        print(f"pipelined / max(decode, model), {o['resolution']} x {o['frames']}: {o['ratio']:.2f} "
-              f"({o['pipelined_s']:.1f} s vs decode {o['decode_s']:.1f} s, model {o['model_s']:.1f} s)")
+        print(f"pipelined / max(decode, model), {o['resolution']} x {o['frames']} frames: "
+              f"{format_estimate(o['ratio'], 'ratio')} (pipelined {format_estimate(o['numerator'])} ms, "
+              f"max(decode, model) {format_estimate(o['denominator'])} ms)")
 
 
 def plot_memory(rows: list[dict], path: Path) -> Path:
@@ -197,7 +239,7 @@ def plot_memory(rows: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4))
     lines = collections.defaultdict(list)
     for r in rows:
-        if "error" not in r and r["host_above_model"] is not None and r["path"] != "model":
+        if "error" not in r and r["path"] not in ("model", "overlap") and r["host_above_model"] is not None:
             lines[(r["path"], r["resolution"])].append((r["frames"], r["host_above_model"] / MiB))
     for (name, resolution), points in sorted(lines.items()):
         xs, ys = zip(*sorted(points))
@@ -256,6 +298,10 @@ def parse_args(argv=None):
     parser.add_argument("--source-fps", type=float, default=2.0, help="frames per second in the synthetic clips")
     parser.add_argument("--budget", type=int, default=256 * MiB,
                         help="Savings.frame_budget_bytes: activation bytes per chunk of frames (sizes the chunks)")
+    parser.add_argument("--overlap-frames", type=int, nargs="+", default=[100],
+                        help="video lengths of the overlap cases (each sample encodes the video three times)")
+    parser.add_argument("--overlap-budget-s", type=float, default=600.0,
+                        help="time budget of one overlap case's sampling (at least 6 pairs are taken)")
     parser.add_argument("--decode-all-limit", type=int, default=8 << 30,
                         help="skip decode_all where its frames alone would take more bytes than this")
     parser.add_argument("--clips", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "llava-mini-video-clips"))
