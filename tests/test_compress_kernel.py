@@ -159,31 +159,84 @@ def test_projected_form_in_batch_chunks(device, monkeypatch, poisoned_workspace)
 
 
 def test_dispatch_rule():
-    # D=1024, 8 heads: C=1 and C=2 run absorbed, C=8 projected (the accumulator budget).
+    # D=1024, 8 heads: C=1 and C=2 run absorbed, C=3 and C=8 projected (the register tile).
     assert choose_form(8, 1, 1024) == "absorbed"
     assert choose_form(8, 4, 1024) == "absorbed"
     assert choose_form(8, 9, 1024) == "projected"
     assert choose_form(8, 64, 1024) == "projected"
-    assert choose_form(16, 1, 2048) == "absorbed"  # 16 x 2048 accumulator values: the budget
-    assert choose_form(16, 1, 4096) == "projected"
+    # 16 x 2048 accumulator values plus a 16-row x tile fill a program's whole register file.
+    assert choose_form(16, 1, 2048) == "projected"
+    assert choose_form(16, 1, 1024) == "absorbed"
 
 
-@pytest.mark.parametrize("shared_memory,bf16_c2,fp32_d1024,bf16_d1152", [(101376, "projected", "projected", "projected"),
-                                                                          (232448, "absorbed", "absorbed", "absorbed")])
-def test_dispatch_rule_fits_shared_memory(shared_memory, bf16_c2, fp32_d1024, bf16_d1152, monkeypatch):
-    # An RTX 4090 (99 KB per program) and an H100 (227 KB): bf16 C=1 at D=1024 fits both.
-    monkeypatch.setattr(fused, "max_shared_memory", lambda device: shared_memory)
-    assert choose_form(8, 1, 1024, torch.bfloat16, "cuda") == "absorbed"
-    assert choose_form(8, 4, 1024, torch.bfloat16, "cuda") == bf16_c2
-    assert choose_form(8, 1, 1024, torch.float32, "cuda") == fp32_d1024
-    assert choose_form(8, 1, 1152, torch.bfloat16, "cuda") == bf16_d1152
+def test_register_rule():
+    # Read off ptxas at D=1024: fp16/bf16 [32 + 16, 1024] values over 8 warps fit (no spills), over 16
+    # warps or with a 32-row tile they spill; fp32 fits [16 + 16, 1024] at 8 and 16 warps, not [32 + 16, 1024].
+    def fitting(configs, block_hq, dtype):
+        return {(c.kwargs["BLOCK_N"], c.num_warps) for c in configs if fused.register_tile_fits(c, block_hq, 1024, dtype)}
+
+    for dtype in (torch.float16, torch.bfloat16):
+        assert fitting(fused.HALF_CONFIGS, 32, dtype) == {(16, 8)}
+    assert fitting(fused.FP32_CONFIGS, 16, torch.float32) == {(16, 8), (16, 16)}
+    assert fitting(fused.FP32_CONFIGS, 32, torch.float32) == set()
+
+
+@pytest.mark.parametrize("capability,shared_memory,fp32_c1", [
+    (89, 101376, "projected"),  # RTX 4090: 99 KB per program
+    (80, 166912, "absorbed"),  # A100
+    (90, 232448, "absorbed"),  # H100
+])
+def test_dispatch_rule_fits_shared_memory(capability, shared_memory, fp32_c1, monkeypatch):
+    monkeypatch.setattr(fused, "device_limits", lambda device: (capability, shared_memory))
+    for dtype in (torch.bfloat16, torch.float16):
+        assert choose_form(8, 1, 1024, dtype, "cuda") == "absorbed"
+        assert choose_form(8, 4, 1024, dtype, "cuda") == "absorbed"
+    assert choose_form(8, 1, 1024, torch.float32, "cuda") == fp32_c1
+    assert choose_form(8, 4, 1024, torch.float32, "cuda") == "projected"  # fits no register tile
+
+
+def test_autotuner_prunes_by_the_device_shared_memory(monkeypatch):
+    # The hook the autotuners run before compiling: on a 99 KB GPU the bf16 config of 32 rows x 2
+    # stages (162 KB) is dropped; fp32 fits nothing there and names what to use instead.
+    class FakeX:
+        device = torch.device("cuda")
+
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+    monkeypatch.setattr(fused, "device_limits", lambda device: (86, 101376))
+    for dtype in (torch.bfloat16, torch.float32):
+        assert fused.autotuned_kernel(dtype).early_config_prune is fused._prune_configs
+    block_hq, block_d = fused.block_sizes(8, 1024)
+    meta = dict(BLOCK_HQ=block_hq, BLOCK_D=block_d, KEY_GRID=False)
+    kept = fused._prune_configs(fused.HALF_CONFIGS, {"x_ptr": FakeX(torch.bfloat16)}, **meta)
+    assert [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == [
+        (16, 8, 1), (16, 8, 2), (16, 16, 1), (16, 16, 2), (32, 8, 1)]
+    with pytest.raises(ValueError, match="sm_86"):
+        fused._prune_configs(fused.FP32_CONFIGS, {"x_ptr": FakeX(torch.float32)}, **meta)
+
+
+def test_shared_memory_rule_prunes_configs_and_names_what_to_use():
+    block_hq, block_d = fused.block_sizes(8, 1024)
+    kept = fused.select_configs(torch.bfloat16, block_hq, block_d, False, 86, 101376)
+    assert kept and all(fused.shared_memory_bytes(c, block_hq, block_d, torch.bfloat16) <= 101376 for c in kept)
+    assert len(kept) < len(fused.absorbed_configs(torch.bfloat16, block_hq, block_d))  # 32 rows x 2 stages: 162 KB
+    with pytest.raises(ValueError, match=r"form: .*float32.*sm_86.*needs \d+ B.*form='projected'.*bfloat16/float16"):
+        fused.select_configs(torch.float32, block_hq, block_d, False, 86, 101376)
+    with pytest.raises(ValueError, match=r"form: .*accumulator does not fit"):
+        fused.select_configs(torch.bfloat16, *fused.block_sizes(72, 1024), False, 90, 232448)
 
 
 def test_split_rule():
-    assert fused.choose_splits(4096, 576, 264) == 1
-    assert fused.choose_splits(1, 576, 264) == 18  # capped at 32 rows per split
-    assert fused.choose_splits(16, 576, 264) == 17
-    assert fused.choose_splits(1, 9, 264) == 1
+    # One wave: a batch that fills the GPU's slots runs one program per image; a smaller one splits
+    # its images over as many programs as fill one wave, never a second, partial wave.
+    assert fused.choose_splits(4096, 576, 132) == 1
+    assert fused.choose_splits(132, 576, 132) == 1
+    assert fused.choose_splits(1, 576, 132) == 18  # capped at 32 rows per split
+    assert fused.choose_splits(16, 576, 132) == 8  # 128 programs: 16 x 9 would need a second wave
+    assert fused.choose_splits(1, 9, 132) == 1
+    # Each split covers a multiple of 16 rows (no partial tile mid-image).
+    assert fused.split_rows(576, 7) == 96 and fused.split_rows(9, 1) == 16
 
 
 @pytest.mark.parametrize("grid,heads,form", [(1, 2, "absorbed"), (9, 4, "projected")])

@@ -18,36 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-def compressor_cases():
-    """The compressor's absorbed kernel at C=1 (8 heads, D=1024), bf16, sm_90: every autotune config
-    must fit (it has no pruning yet). Its launch arguments are written out here because its launcher
-    runs on CUDA tensors only; its own aot_cases() replace this once it prunes its configs."""
-    import torch
-
-    from llava_mini.kernels.aot import LaunchCase
-    from llava_mini.kernels.compress import triton as compress
-    from llava_mini.kernels.gpus import arch
-
-    batch, n, dim, hq = 256, 576, 1024, 8
-
-    def tensor(*shape, dtype=torch.bfloat16):
-        return torch.empty(*shape, dtype=dtype, device="meta")
-
-    x = tensor(batch, n, dim)
-    args = dict(  # LLaVA-Mini's case: one shared key table, no ragged rows, no mask (unused pointers get x)
-        x_ptr=x, queries_ptr=tensor(hq, dim), key_table_ptr=tensor(n, hq, dtype=torch.float32), key_grid_ptr=x,
-        starts_ptr=x, lengths_ptr=x, widths_ptr=x, mask_ptr=x,
-        y_ptr=tensor(hq, batch, 1, dim), max_ptr=tensor(hq, batch, 1, dtype=torch.float32),
-        sum_ptr=tensor(hq, batch, 1, dtype=torch.float32),
-        B=batch, N=n, D=dim, HQ=hq, rows_per_split=n, num_splits=1, grid_positions=0,
-        stride_xb=n * dim, stride_xn=dim, stride_xd=1, stride_tb=0, stride_mb=0, eps=1e-5,
-        BLOCK_D=dim, BLOCK_HQ=16, VARLEN=False, KEY_TABLE=True, KEY_GRID=False, HAS_MASK=False,
-        DOT_PRECISION="tf32",
-    )
-    return [LaunchCase("compress", "C=1, 8 heads, D=1024", torch.bfloat16, compress._absorbed_kernel, args,
-                       keeps=lambda config, gpu: True, max_spill_bytes=None, archs=(arch(90),))]
-
-
 def prefusion_with_wrong_rules():
     """Pre-fusion bf16 at d=128 on sm_86, once with a rule that keeps every config, once with one that
     keeps none: the check must report both."""
@@ -59,6 +29,23 @@ def prefusion_with_wrong_rules():
     [case] = [c for c in aot_cases() if c.shape == "Llama-3.1-8B 32/8 x 128" and str(c.dtype) == "torch.bfloat16"]
     return [dataclasses.replace(case, keeps=lambda config, gpu: True, archs=(arch(86),)),
             dataclasses.replace(case, keeps=lambda config, gpu: False, archs=(arch(86),))]
+
+
+def compressor_with_wrong_dispatch():
+    """The compressor at C=1: fp32 on sm_86 run absorbed although no config fits, bf16 on sm_90 sent to
+    the projected form although configs fit, and with an occupancy the launcher does not get: the
+    check must report all three."""
+    import dataclasses
+
+    from llava_mini.kernels.compress.aot import aot_cases
+    from llava_mini.kernels.gpus import arch
+
+    def case(dtype):
+        return next(c for c in aot_cases() if c.shape.startswith("C=1 N=576, 256") and str(c.dtype) == dtype)
+
+    return [dataclasses.replace(case("torch.float32"), picked=lambda gpu: True, archs=(arch(86),)),
+            dataclasses.replace(case("torch.bfloat16"), picked=lambda gpu: False, programs_per_sm=2,
+                                archs=(arch(90),))]
 
 
 def _run_check(*args):
@@ -75,10 +62,13 @@ def _run_check(*args):
 
 @pytest.mark.slow
 def test_kernels_fit_every_arch():
-    run = _run_check("--cases", "llava_mini.kernels.prefusion.aot:aot_cases", "test_kernels_compile:compressor_cases")
+    # Both kernels (CASE_PROVIDERS); the failing-rule tests below reuse its cached compiles.
+    run = _run_check()
     assert run.returncode == 0, run.stderr[-5000:]
     assert "| prefusion | Llama-3.1-8B 32/8 x 128 | float32 | sm_86" in run.stdout
-    assert "| compress |" in run.stdout
+    for dtype in ("float16", "bfloat16", "float32"):
+        assert f"| compress C=1 | {dtype} | sm_90 (H100) |" in run.stdout
+    assert "| compress C=1 | float32 | sm_86 (RTX 3090) | none of 4: projected form" in run.stdout
 
 
 @pytest.mark.slow
@@ -90,3 +80,15 @@ def test_check_fails_on_a_config_left_for_the_autotuner():
                      run.stderr)
     assert "dropped by the rule but fits" in run.stderr
     assert "the rule keeps no config" in run.stderr
+
+
+@pytest.mark.slow
+def test_check_fails_when_the_compressor_dispatch_disagrees():
+    run = _run_check("--jobs", "1", "--cases", "test_kernels_compile:compressor_with_wrong_dispatch")
+    assert run.returncode == 1
+    assert re.search(r"compress C=1 N=576, 256 images float32 on sm_86 \(RTX 3090\): the dispatch runs this kernel "
+                     r"but the rule keeps no config", run.stderr)
+    assert re.search(r"compress C=1 N=576, 256 images bfloat16 on sm_90 \(H100\): the dispatch runs projected form "
+                     r".* although the rule keeps BLOCK_N=16 w8 s1", run.stderr)
+    assert re.search(r"bfloat16 on sm_90 \(H100\), BLOCK_N=16 w8 s1: occupancy 1 programs per SM .* the launcher "
+                     r"assumes 2", run.stderr)

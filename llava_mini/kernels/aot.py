@@ -4,23 +4,26 @@
 
 A kernel module describes what its launcher runs at the product shapes as ``aot_cases()``, a list
 of ``LaunchCase``: the autotuned kernel, every argument of the launch (recorded from the real
-launcher with ``record_launches``), and the dispatch rule (``keeps``: may this config run on this
-arch?). For each case, arch and autotune config this module compiles the kernel with Triton's own
-compiler, with the specialisation a real launch gets (Triton's own argument binder: 16-byte
-aligned pointers, integers divisible by 16 marked so, integers equal to 1 made constants), and
-checks:
+launcher with ``record_launches``), the configs its autotuner considers there, and the dispatch rule
+(``keeps``: may this config run on this arch?). For each case, arch and config this module compiles
+the kernel with Triton's own compiler, with the specialisation a real launch gets (Triton's own
+argument binder: 16-byte aligned pointers, integers divisible by 16 marked so, integers equal to 1
+made constants), and checks:
 
 1. the rule agrees with the compiled size: every config it keeps fits the arch's shared memory
    and every config it drops does not, so no config that cannot fit is left for the autotuner to
    discover (OutOfResources) at the first call;
-2. the rule keeps at least one config on each arch;
-3. the kept configs spill at most the case's ``max_spill_bytes`` (ptxas's own report).
+2. the rule keeps at least one config on each arch where the dispatch runs the kernel, and none
+   where it runs something else (``picked``: e.g. the compressor's ``choose_form``);
+3. the kept configs spill at most the case's ``max_spill_bytes`` (ptxas's own report) and, where
+   the launcher sizes its grid by it, have the occupancy it assumes (``programs_per_sm``).
 
 Shared memory is fixed once the kernel is lowered to LLVM IR, so dropped configs stop there; ptxas
 (the one shipped with Triton, with the flags Triton launches it with) runs only for kept configs.
-Reports are cached in Triton's cache directory under Triton's own cache key (source, specialisation,
-options, target, compiler versions). The table (``--table``) lists shared memory, registers, spills
-and occupancy per case, arch and config.
+Launches that compile to the same binary (same specialisation, config and arch: e.g. two sequence
+lengths both divisible by 16) are compiled once. Reports are cached in Triton's cache directory
+under Triton's own cache key (source, specialisation, options, target, compiler versions). The
+table (``--table``) lists shared memory, registers, spills and occupancy per case, arch and config.
 
 A new kernel joins the check with an ``aot_cases()`` in its module, listed in ``CASE_PROVIDERS``.
 """
@@ -47,7 +50,7 @@ import torch
 from llava_mini.kernels.gpus import ARCHS, Arch, occupancy
 
 # The kernel modules whose aot_cases() the check runs; a new kernel adds its module here.
-CASE_PROVIDERS = ("llava_mini.kernels.prefusion.aot:aot_cases",)
+CASE_PROVIDERS = ("llava_mini.kernels.prefusion.aot:aot_cases", "llava_mini.kernels.compress.aot:aot_cases")
 REPORT_VERSION = "aot-report-1"
 MAX_DEFAULT_JOBS = 8  # each compile process holds torch and Triton (a few hundred MB)
 # Any 16-byte aligned address: what PyTorch's CUDA caching allocator returns for a new tensor.
@@ -66,6 +69,19 @@ class LaunchCase:
     keeps: Callable[[Any, Arch], bool]  # the dispatch rule: may this autotune config run on this arch?
     max_spill_bytes: int | None  # spill stores a kept config may have (None: spills not checked)
     archs: tuple[Arch, ...] = ARCHS
+    # The configs the autotuner considers at this shape, whatever the GPU (None: all of its configs).
+    configs: tuple | None = None
+    # Does the dispatch run this kernel on this arch? (None: always.) Elsewhere ``fallback`` runs.
+    picked: Callable[[Arch], bool] | None = None
+    fallback: str = ""
+    programs_per_sm: int | None = None  # the occupancy the launcher assumes for every kept config
+    group: str = ""  # the summary table sums up the cases of one kernel, group, dtype and arch
+
+    def candidate_configs(self) -> tuple:
+        return self.configs if self.configs is not None else tuple(self.autotuner.configs)
+
+    def runs_on(self, arch: Arch) -> bool:
+        return self.picked is None or bool(self.picked(arch))
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,7 @@ class Row:
     config: Any
     kept: bool
     report: Report
+    binary: str  # Triton's cache key of the compile: rows with the same one are the same binary
     problems: list[str] = field(default_factory=list)
 
 
@@ -195,20 +212,28 @@ def _ptxas_report(backend, ptx: str, metadata: dict, options, capability: int) -
     return int(registers.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
-def compile_report(kernel, args: dict, config, capability: int, with_registers: bool) -> Report:
-    """Compile ``kernel`` with ``args`` and ``config`` for ``sm_<capability>``: shared memory (LLVM IR),
-    and with ``with_registers`` registers and spills (ptxas). Cached in Triton's cache directory."""
+def _source(kernel, args: dict, config, capability: int):
+    """(source, backend, options, target, Triton's cache key) of one launch's compile."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource, make_backend
-    from triton._C.libtriton import get_cache_invalidating_env_vars, ir
-    from triton.runtime.cache import get_cache_key, get_cache_manager
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.runtime.cache import get_cache_key
 
     fn = _jit_function(kernel)
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     signature, constexprs, attrs, options = _specialise(fn, backend, args, config)
     src = ASTSource(fn, signature, constexprs, attrs)
-    key = get_cache_key(src, backend, options, get_cache_invalidating_env_vars())
+    return src, backend, options, target, get_cache_key(src, backend, options, get_cache_invalidating_env_vars())
+
+
+def compile_report(kernel, args: dict, config, capability: int, with_registers: bool) -> Report:
+    """Compile ``kernel`` with ``args`` and ``config`` for ``sm_<capability>``: shared memory (LLVM IR),
+    and with ``with_registers`` registers and spills (ptxas). Cached in Triton's cache directory."""
+    from triton._C.libtriton import ir
+    from triton.runtime.cache import get_cache_manager
+
+    src, backend, options, target, key = _source(kernel, args, config, capability)
     key += f"-{REPORT_VERSION}-{'ptxas' if with_registers else 'llir'}"
     cache = get_cache_manager(hashlib.sha256(key.encode()).hexdigest())
     cached = cache.get_file("report.json")
@@ -248,7 +273,7 @@ def load_cases(provider: str) -> tuple[LaunchCase, ...]:
 def _compile_unit(unit) -> Report:
     provider, index, config_index, capability, with_registers = unit
     case = load_cases(provider)[index]
-    return compile_report(case.autotuner, case.args, case.autotuner.configs[config_index], capability,
+    return compile_report(case.autotuner, case.args, case.candidate_configs()[config_index], capability,
                           with_registers)
 
 
@@ -260,45 +285,63 @@ def _problems(case: LaunchCase, arch: Arch, config, kept: bool, report: Report) 
                 "(the autotuner would meet OutOfResources)"]
     if not kept and report.shared <= limit:
         return [f"{where}: dropped by the rule but fits ({report.shared} B <= {limit} B)"]
+    problems = []
     if kept and case.max_spill_bytes is not None and report.spill_stores > case.max_spill_bytes:
-        return [f"{where}: spills {report.spill_stores} B per thread (at most {case.max_spill_bytes} B allowed)"]
-    return []
+        problems.append(f"{where}: spills {report.spill_stores} B per thread (at most {case.max_spill_bytes} B allowed)")
+    if kept and case.programs_per_sm is not None and report.registers is not None:
+        resident = occupancy(arch, config.num_warps, report.registers, report.shared)
+        if resident != case.programs_per_sm:
+            problems.append(f"{where}: occupancy {resident} programs per SM ({report.registers} registers per thread), "
+                            f"the launcher assumes {case.programs_per_sm}")
+    return problems
 
 
-def run_check(providers=CASE_PROVIDERS, jobs: int | None = None) -> tuple[list[Row], list[str]]:
-    """Compile every case of ``providers``; return the table rows and the problems found."""
+def run_check(providers=CASE_PROVIDERS, jobs: int | None = None) -> tuple[list[Row], list[str], list]:
+    """Compile every case of ``providers``; return the table rows, the problems found and every
+    (case, arch) checked."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1: the kernels are defined for the interpreter; unset it for this check")
-    work = []  # (case, arch, config, kept, unit)
+    work = []  # (case, arch, config, kept, binary, unit)
+    pairs = []  # (case, arch): every case on every arch, also one whose shape leaves it no candidate config
     for provider in providers:
         for index, case in enumerate(load_cases(provider)):
             for arch in case.archs:
-                for config_index, config in enumerate(case.autotuner.configs):
+                pairs.append((case, arch))
+                for config_index, config in enumerate(case.candidate_configs()):
                     kept = bool(case.keeps(config, arch))
-                    unit = (provider, index, config_index, arch.capability, kept and case.max_spill_bytes is not None)
-                    work.append((case, arch, config, kept, unit))
-    units = [w[-1] for w in work]
+                    with_registers = kept and (case.max_spill_bytes is not None or case.programs_per_sm is not None)
+                    binary = _source(case.autotuner, case.args, config, arch.capability)[-1]
+                    unit = (provider, index, config_index, arch.capability, with_registers)
+                    work.append((case, arch, config, kept, f"{binary}-{with_registers}", unit))
+    units = {}  # one compile per binary
+    for *_, binary, unit in work:
+        units.setdefault(binary, unit)
     jobs = jobs or min(len(os.sched_getaffinity(0)), MAX_DEFAULT_JOBS)
     if jobs > 1:
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            reports = list(pool.map(_compile_unit, units, chunksize=4))
+            reports = dict(zip(units, pool.map(_compile_unit, units.values(), chunksize=2)))
     else:
-        reports = [_compile_unit(unit) for unit in units]
+        reports = {binary: _compile_unit(unit) for binary, unit in units.items()}
 
     rows, problems = [], []
-    for (case, arch, config, kept, _), report in zip(work, reports):
-        row = Row(case, arch, config, kept, report, _problems(case, arch, config, kept, report))
+    for case, arch, config, kept, binary, _ in work:
+        report = reports[binary]
+        row = Row(case, arch, config, kept, report, binary, _problems(case, arch, config, kept, report))
         rows.append(row)
         problems += row.problems
-    seen = {}
+    kept_by_pair: dict = {}
     for row in rows:
-        seen.setdefault((id(row.case), row.arch.capability), []).append(row)
-    for group in seen.values():
-        if not any(row.kept for row in group):
-            case, arch = group[0].case, group[0].arch
-            problems.append(f"{case.kernel} {case.shape} {dtype_name(case.dtype)} on {arch.name} ({arch.gpu}): "
-                            "the rule keeps no config")
-    return rows, problems
+        if row.kept:
+            kept_by_pair.setdefault((id(row.case), row.arch.capability), []).append(row)
+    for case, arch in pairs:
+        where = f"{case.kernel} {case.shape} {dtype_name(case.dtype)} on {arch.name} ({arch.gpu})"
+        kept = kept_by_pair.get((id(case), arch.capability), [])
+        if case.runs_on(arch) and not kept:
+            problems.append(f"{where}: the dispatch runs this kernel but the rule keeps no config")
+        if not case.runs_on(arch) and kept:
+            problems.append(f"{where}: the dispatch runs {case.fallback or 'something else'} although the rule keeps "
+                            f"{', '.join(config_name(row.config) for row in kept)}")
+    return rows, problems, pairs
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -310,9 +353,15 @@ def _span(values) -> str:
     return str(low) if low == high else f"{low}-{high}"
 
 
-def markdown_table(rows: list[Row]) -> str:
-    """Shared memory, registers, spills and occupancy per kernel, dtype and arch (summed up over the
-    shapes), then per shape and config."""
+def _resident(row: Row) -> int:
+    return occupancy(row.arch, row.config.num_warps, row.report.registers, row.report.shared)
+
+
+def markdown_table(rows: list[Row], pairs: list[tuple[LaunchCase, Arch]] = ()) -> str:
+    """Shared memory, registers, spills and occupancy per kernel (and case group), dtype and arch
+    (summed up over the shapes), then per shape and config (launches compiling to the same binary
+    on one line). ``pairs`` (every case on every arch, from ``run_check``) adds the summary lines of
+    cases whose shape leaves the autotuner no config to consider."""
     import triton
     from triton.backends.nvidia.compiler import get_ptxas_version
 
@@ -325,7 +374,8 @@ def markdown_table(rows: list[Row]) -> str:
         "launch. Shared memory from the LLVM IR; registers and spills (bytes per thread) from ptxas's own "
         "report, for the configs the dispatch keeps; occupancy is programs resident per SM "
         "(the occupancy calculator's rule). Dropped configs do not fit the arch and are never compiled at run "
-        "time. Which kept config the autotuner picks, and the timings, need the GPU.",
+        "time; where the dispatch runs another form on an arch, the kernel keeps no config there. "
+        "Which kept config the autotuner picks, and the timings, need the GPU.",
         "",
         "## Per kernel, dtype and arch (configs kept per shape; figures of the kept ones over all shapes)",
         "",
@@ -333,26 +383,36 @@ def markdown_table(rows: list[Row]) -> str:
         "| programs / SM |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    groups: dict = {}
+    def summary_key(case, arch):
+        return case.kernel, case.group, dtype_name(case.dtype), arch
+
+    groups: dict = {summary_key(case, arch): [] for case, arch in pairs}
+    fallbacks = {summary_key(case, arch): case.fallback for case, arch in pairs}
     for row in rows:
-        groups.setdefault((row.case.kernel, dtype_name(row.case.dtype), row.arch.capability), []).append(row)
-    for (kernel, dtype, _), group in groups.items():
+        groups.setdefault(summary_key(row.case, row.arch), []).append(row)
+        fallbacks.setdefault(summary_key(row.case, row.arch), row.case.fallback)
+    for key, group in groups.items():
+        kernel, group_name, dtype, arch = key
         kept = [row for row in group if row.kept]
-        arch = group[0].arch
         configs = {config_name(row.config) for row in group}
         kept_per_shape: dict = {}
         for row in group:
-            kept_per_shape[id(row.case)] = kept_per_shape.get(id(row.case), 0) + row.kept
+            if row.case.runs_on(arch):
+                kept_per_shape[id(row.case)] = kept_per_shape.get(id(row.case), 0) + row.kept
+        if kept_per_shape:
+            kept_cell = f"{_span(kept_per_shape.values())} of {len(configs)}"
+        elif configs:
+            kept_cell = f"none of {len(configs)}: {fallbacks[key] or 'not dispatched'}"
+        else:
+            kept_cell = f"none considered at this shape: {fallbacks[key] or 'not dispatched'}"
         compiled = [row for row in kept if row.report.registers is not None]
         if compiled:
-            resident = [occupancy(arch, row.config.num_warps, row.report.registers, row.report.shared)
-                        for row in compiled]
             figures = (f"{_span([row.report.registers for row in compiled])} "
-                       f"| {max(row.report.spill_stores for row in compiled)} | {_span(resident)}")
+                       f"| {max(row.report.spill_stores for row in compiled)} | {_span([_resident(r) for r in compiled])}")
         else:
             figures = "- | - | -"
         shared = _span([row.report.shared for row in kept]) if kept else "-"
-        lines.append(f"| {kernel} | {dtype} | {arch.name} ({arch.gpu}) | {_span(kept_per_shape.values())} of {len(configs)} "
+        lines.append(f"| {f'{kernel} {group_name}'.strip()} | {dtype} | {arch.name} ({arch.gpu}) | {kept_cell} "
                      f"| {shared} | {arch.shared_per_block} | {figures} |")
     lines += [
         "",
@@ -362,15 +422,19 @@ def markdown_table(rows: list[Row]) -> str:
         "| programs / SM |",
         "| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
+    same_binary: dict = {}
     for row in rows:
-        report = row.report
+        same_binary.setdefault((row.case.kernel, row.binary, row.kept), []).append(row)
+    for (kernel, *_), alike in same_binary.items():
+        row, report = alike[0], alike[0].report
+        shapes = "; ".join(dict.fromkeys(r.case.shape for r in alike))
         compiled = report.registers is not None
         spills = f"{report.spill_stores} / {report.spill_loads}" if compiled else "-"
-        resident = occupancy(row.arch, row.config.num_warps, report.registers, report.shared) if compiled else "-"
         lines.append(
-            f"| {row.case.kernel} | {row.case.shape} | {dtype_name(row.case.dtype)} | {row.arch.name} "
+            f"| {kernel} | {shapes} | {dtype_name(row.case.dtype)} | {row.arch.name} "
             f"({row.arch.gpu}) | {config_name(row.config)} | {'yes' if row.kept else 'no'} | {report.shared} "
-            f"| {row.arch.shared_per_block} | {report.registers if compiled else '-'} | {spills} | {resident} |"
+            f"| {row.arch.shared_per_block} | {report.registers if compiled else '-'} | {spills} "
+            f"| {_resident(row) if compiled else '-'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -382,8 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", default=list(CASE_PROVIDERS),
                         help="providers 'package.module:function' returning LaunchCases")
     args = parser.parse_args(argv)
-    rows, problems = run_check(tuple(args.cases), args.jobs)
-    table = markdown_table(rows)
+    rows, problems, pairs = run_check(tuple(args.cases), args.jobs)
+    table = markdown_table(rows, pairs)
     if args.table:
         with open(args.table, "w") as f:
             f.write(table)

@@ -62,6 +62,15 @@ def device_limits(device: torch.device) -> tuple[int, int] | None:
     return 10 * major + minor, shared
 
 
+MAX_REGISTERS_PER_THREAD = 255  # every arch since sm_35
+
+
+def max_registers_per_thread(threads: int) -> int:
+    """Registers each of a program's ``threads`` threads can have with the whole program on one SM
+    (64K registers per SM on every arch in ``ARCHS``); ptxas spills beyond."""
+    return min(MAX_REGISTERS_PER_THREAD, min(a.registers_per_sm for a in ARCHS) // threads)
+
+
 def occupancy(arch: Arch, num_warps: int, registers: int, shared: int) -> int:
     """Programs resident per SM for a kernel using ``registers`` per thread and ``shared`` bytes.
 

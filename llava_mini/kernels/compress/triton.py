@@ -13,19 +13,21 @@ Two forms, picked per shape by ``choose_form``:
   (the q.b_k and A.beta_kv terms are constant over n and cancel in the softmax). One kernel pass
   reads x once: LayerNorm statistics, scores, online softmax and the weighted sum of xhat per
   (head, query); a tiny GEMM after. Small batches split N over several programs (split-K style)
-  whose partial softmax states are merged after.
+  whose partial softmax states are merged after, so that one wave fills the GPU (``choose_splits``).
   The key position term enters as ``bias_hq(n)``: a cached table [N, H*Q] (the resized query table
   projected, plus a folded ``attn_mask``), or, for a 2-D sin-cos key grid, the sum of two small
   tables: PE(i, j) = [s(j) ; s(i)] is separable, so bias(i, j) = col[j] + row[i] with col and row
   [P, H*Q] computed once: any image size (h, w) costs no table traffic per image. Ragged batches
   (per-image lengths, packed rows, a key padding mask) run in the same launch; padding rows are
   never read.
-- ``"projected"`` (large H*Q, e.g. C=8 or MiniCPM-V's 64 queries x 28 heads): K and V are
-  projected with matmuls (the key position term projected once and cached) and attention runs
-  through SDPA.
+- ``"projected"`` (large H*Q, e.g. C=8 or MiniCPM-V's 64 queries x 28 heads; also where no
+  absorbed config fits the GPU, e.g. fp32 on 99 KB GPUs): K and V are projected with matmuls (the
+  key position term projected once and cached) and attention runs through SDPA.
 
 Everything that depends only on the weights is computed once and cached (see ``derived_weights``).
-The autotune configs (``ABSORBED_CONFIGS``) and the dispatch rule's budgets are data at the top.
+The autotune configs (``HALF_CONFIGS``, ``FP32_CONFIGS``) and the dispatch rule's budgets are data
+at the top; the configs are pruned per GPU by the compiled-size rule ``shared_memory_bytes``, which
+the ahead-of-time check (``llava_mini/kernels/compress/aot.py``) holds to real compiles.
 """
 
 from __future__ import annotations
@@ -43,74 +45,177 @@ import triton.language as tl
 
 from llava_mini.kernels.compress.ref import (KEY_POS_MODES, image_layout, key_pos_embed, score_mask, side_of,
                                              sincos_1d, to_dense)
+from llava_mini.kernels.gpus import device_limits, max_registers_per_thread
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
-# --- The dispatch rule's budgets (choose_form) -------------------------------------------------
-# The absorbed kernel keeps a [pad(H*Q), pad(D)] fp32 accumulator in registers; beyond this many
-# values it would spill, and the projected form wins anyway (H*Q approaching D).
-ABSORBED_MAX_ACCUMULATOR = 32 * 1024
-# Compiled kernels use 1-2 KB of shared memory beyond their two dot operands.
-SHARED_MEMORY_MARGIN = 4096
+# --- The absorbed kernel's autotune configs ---------------------------------------------------
+def _configs(tiles):
+    return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages) for block_n, warps, stages in tiles]
+
+
+# (BLOCK_N, warps, stages). The x tile and the accumulator both hold [*, D] fp32 rows: 8-16 warps
+# spread them over enough registers; configs whose register tile does not fit a thread are dropped
+# per shape (``register_tile_fits``), those whose shared memory does not fit the GPU per device
+# (``shared_memory_bytes``). What each compiles to on sm_80/86/89/90 at the product shapes:
+# bench/results/kernel_resources.md (python -m llava_mini.kernels.aot).
+HALF_CONFIGS = _configs([(16, 8, 1), (16, 8, 2), (16, 16, 1), (16, 16, 2), (32, 8, 1), (32, 8, 2)])
+# fp32 runs its dots in full precision on the FMA units: at BLOCK_N=32 ptxas collapses the kernel to
+# 32 registers with ~21 KB of spills per thread (8 warps) or spills ~350 B (16 warps); 16 rows only.
+FP32_CONFIGS = _configs([(16, 8, 1), (16, 8, 2), (16, 16, 1), (16, 16, 2)])
+# Under the interpreter autotuning is pointless: one config.
+INTERPRETER_CONFIGS = _configs([(16, 4, 1)])
+
+
+def configs_for(dtype: torch.dtype) -> list:
+    """The absorbed kernel's autotune configs for x of ``dtype`` on a GPU."""
+    return FP32_CONFIGS if dtype == torch.float32 else HALF_CONFIGS
+
+
+# --- The dispatch rule's budgets (choose_form, the config pruning, choose_splits) -------------
+# Registers a thread keeps free of the register tile (addresses, masks, softmax state, LayerNorm
+# statistics): with less, ptxas spills. Read off its reports at D=1024: fp16/bf16, 192 tile values
+# at 8 warps compile to 247-255 registers without spills, 256 spill 300-540 B; at 16 warps 64 values
+# fit in 120-128 registers, 96 spill 60-140 B. fp32's FMA dots need more: 128 values at 8 warps
+# compile to 189-197 registers and 64 at 16 warps to 105-121, but 192 at 8 warps collapse the kernel
+# (32 registers, ~32 KB of spills per thread).
+REGISTER_HEADROOM = 48
+FP32_REGISTER_HEADROOM = 64
+# Programs resident on one SM: every config the dispatch keeps at the product shapes needs more than
+# 128 registers per thread at 8 warps (189-255) or more than 64 at 16 warps (105-128), so the 64K
+# register file holds one program (the ahead-of-time check asserts it for each kept config; see
+# the table's "programs / SM"). Splitting an image therefore fills one wave of one program per SM.
+RESIDENT_PROGRAMS_PER_SM = 1
+# Rows a split of an image covers at least, and a multiple of (the smallest BLOCK_N: no split ends
+# in a partial tile; Triton also compiles one variant, "divisible by 16", for every split size).
+SPLIT_ROWS = 16
+MIN_ROWS_PER_SPLIT = 32
 # The projected form materialises LN(x), K and V; it runs over batch chunks of at most this many bytes.
 PROJECTED_CHUNK_BYTES = 2 << 30
 # Sin-cos key tables cover positions [0, P), P rounded up to a multiple of this (fewer rebuilds).
 SINCOS_POSITIONS_STEP = 64
-
-# --- The absorbed kernel's autotune configs --------------------------------------------------
-# The x tile and the accumulator both hold [*, D] fp32 rows: 8-16 warps spread them over enough
-# registers (4 warps spill heavily at D=1024). One stage keeps fp32 inputs within A100's shared
-# memory; configs that do not fit a device fail to compile there and the autotuner skips them.
-ABSORBED_CONFIGS = [dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-                    for block_n in (16, 32) for warps in (8, 16) for stages in (1, 2)]
-# Under the interpreter autotuning is pointless: one config.
-INTERPRETER_CONFIGS = [dict(BLOCK_N=16, num_warps=4, num_stages=1)]
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def max_shared_memory(device: torch.device) -> int | None:
-    """Shared memory one program may use on ``device``; None (no limit) off CUDA (the interpreter)."""
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+def block_sizes(hq: int, dim: int) -> tuple[int, int]:
+    """(BLOCK_HQ, BLOCK_D): the kernel's score columns and channels, padded to powers of 2
+    (``tl.arange``), the columns to at least 16 (``tl.dot``)."""
+    return max(16, triton.next_power_of_2(hq)), triton.next_power_of_2(dim)
+
+
+def shared_memory_bytes(config: triton.Config, block_hq: int, block_d: int, dtype: torch.dtype,
+                        key_grid: bool = False) -> int:
+    """Shared memory the compiled absorbed kernel uses: the rule configs are pruned by before any compile.
+
+    How Triton lays the kernel out (read off its compiles for sm_80-sm_90, the same on each):
+    - the normalised x tile [BLOCK_N, BLOCK_D] and the absorbed queries [BLOCK_D, BLOCK_HQ] are the
+      two dots' operands, staged in shared memory in x's dtype (one copy of the x tile serves both dots);
+    - the software pipeline loads ``num_stages - 1`` x tiles ahead (and the two sin-cos gathers
+      [BLOCK_N, BLOCK_HQ] fp32 with ``KEY_GRID``; a key table or a padding mask adds nothing);
+    - the score tile's layout conversions take up to 4 B (8 B for fp32's FMA dots) per score.
+    Exact at the product shapes for fp16/bf16, an upper bound within 2 KB for fp32. The
+    ahead-of-time check (``python -m llava_mini.kernels.aot``) holds the rule to real compiles on
+    sm_80/86/89/90: every config it keeps fits, every config it drops does not.
+    """
+    block_n, stages = config.kwargs["BLOCK_N"], config.num_stages
+    size = dtype.itemsize
+    operands = (block_n + block_hq) * block_d * size
+    in_flight = (stages - 1) * block_n * block_d * size
+    if key_grid:
+        in_flight += (stages - 1) * block_n * block_hq * 4
+    scratch = block_n * block_hq * (8 if dtype == torch.float32 else 4)
+    return operands + in_flight + scratch
+
+
+def register_tile_fits(config: triton.Config, block_hq: int, block_d: int, dtype: torch.dtype) -> bool:
+    """Whether the fp32 values a thread holds across the key loop (its share of the [BLOCK_HQ, BLOCK_D]
+    accumulator and the [BLOCK_N, BLOCK_D] x tile) leave ``REGISTER_HEADROOM`` of its registers free
+    (``FP32_REGISTER_HEADROOM`` for fp32 x)."""
+    threads = 32 * config.num_warps
+    values = (block_hq + config.kwargs["BLOCK_N"]) * block_d // threads
+    headroom = FP32_REGISTER_HEADROOM if dtype == torch.float32 else REGISTER_HEADROOM
+    return values <= max_registers_per_thread(threads) - headroom
+
+
+def absorbed_configs(dtype: torch.dtype, block_hq: int, block_d: int, key_grid: bool = False,
+                     shared_limit: int | None = None) -> list:
+    """The configs of ``dtype`` whose register tile fits a thread and, given ``shared_limit`` (bytes
+    one program may use), whose shared memory fits it."""
+    return [c for c in configs_for(dtype) if register_tile_fits(c, block_hq, block_d, dtype)
+            and (shared_limit is None or shared_memory_bytes(c, block_hq, block_d, dtype, key_grid) <= shared_limit)]
+
+
+def select_configs(dtype: torch.dtype, block_hq: int, block_d: int, key_grid: bool, capability: int,
+                   shared_limit: int) -> list:
+    """The configs the autotuner may try on a GPU of ``capability`` allowing ``shared_limit`` bytes per
+    program; a ValueError naming the arch, dtype and what to use instead when none fits."""
+    kept = absorbed_configs(dtype, block_hq, block_d, key_grid, shared_limit)
+    if kept:
+        return kept
+    in_registers = absorbed_configs(dtype, block_hq, block_d, key_grid)
+    name = str(dtype).removeprefix("torch.")
+    if not in_registers:
+        why = f"its [{block_hq}, {block_d}] accumulator does not fit one program's registers"
+    else:
+        need = min(shared_memory_bytes(c, block_hq, block_d, dtype, key_grid) for c in in_registers)
+        why = f"the smallest config needs {need} B of shared memory, sm_{capability} allows {shared_limit} B per program"
+    instead = "form='projected' (what form=None picks here)"
+    half_fits = absorbed_configs(torch.bfloat16, block_hq, block_d, key_grid, shared_limit)
+    if dtype == torch.float32 and half_fits:
+        instead += " or bfloat16/float16 inputs"
+    raise ValueError(f"form: the absorbed kernel cannot run {name} x with H*Q padded to {block_hq} and D to "
+                     f"{block_d} on sm_{capability}: {why}; use {instead}")
 
 
 def choose_form(num_heads: int, num_queries: int, dim: int, dtype: torch.dtype = torch.bfloat16,
                 device: torch.device | str = "cpu") -> str:
     """``"absorbed"`` or ``"projected"`` for these shapes on ``device``.
 
-    Absorbed while (1) the per-program fp32 accumulator [pad(H*Q), pad(D)] fits the register
-    budget (D=1024: H*Q <= 32, i.e. C=1 or 2 at 8 heads) and (2) the smallest kernel config's
-    shared memory, the two dot operands [16 + pad(H*Q), pad(D)] in x's dtype plus a margin, fits the
-    device: bf16 at D=1024 needs 68 KB for C=1 (every GPU since sm_80) and 100 KB for C=2 (A100/H100
-    class; projected on 99 KB GPUs).
+    Absorbed while one of the absorbed kernel's configs for ``dtype`` keeps its register tile in a
+    thread's registers (D=1024: H*Q <= 32, i.e. C=1 or 2 at 8 heads) and, on a GPU, fits its shared
+    memory (``shared_memory_bytes``): at D=1024 fp16/bf16 fit every GPU since sm_80 for C=1 and 2;
+    fp32 fits A100 and H100 for C=1 and runs projected on 99 KB GPUs (RTX 3090/4090) and for C=2
+    (its FMA dots need more registers).
+    Off CUDA (the interpreter) the register rule alone decides. The key position mode does not
+    change the answer: the sin-cos gathers only add to configs with more than one stage.
     """
-    rows = max(16, triton.next_power_of_2(num_heads * num_queries))
-    padded_dim = triton.next_power_of_2(dim)
-    if rows * padded_dim > ABSORBED_MAX_ACCUMULATOR:
-        return "projected"
-    limit = max_shared_memory(torch.device(device))
-    shared = (16 + rows) * padded_dim * torch.empty((), dtype=dtype).element_size() + SHARED_MEMORY_MARGIN
-    return "absorbed" if limit is None or shared <= limit else "projected"
+    limits = device_limits(torch.device(device))
+    return choose_form_for(num_heads, num_queries, dim, dtype, limits[1] if limits is not None else None)
 
 
-def choose_splits(batch: int, n: int, target_programs: int) -> int:
-    """How many programs share one image's N rows: enough to give ``target_programs`` programs in
-    all when the batch is small, but at least 32 rows each."""
-    if batch >= target_programs:
+def choose_form_for(num_heads: int, num_queries: int, dim: int, dtype: torch.dtype, shared_limit: int | None) -> str:
+    """``choose_form`` for a GPU allowing ``shared_limit`` bytes of shared memory per program (None: no limit)."""
+    block_hq, block_d = block_sizes(num_heads * num_queries, dim)
+    return "absorbed" if absorbed_configs(dtype, block_hq, block_d, shared_limit=shared_limit) else "projected"
+
+
+def choose_splits(batch: int, n: int, slots: int) -> int:
+    """How many programs share one image's ``n`` rows, given ``slots`` programs the GPU runs at once.
+
+    A small batch leaves SMs idle: split each image over as many programs as fill one wave
+    (``batch * splits <= slots``), each covering at least ``MIN_ROWS_PER_SPLIT`` rows. Never more: a
+    second, partial wave would make the last programs a tail, and each split adds partial results
+    to write and merge. A batch that fills the GPU runs one program per image.
+    """
+    if batch >= slots:
         return 1
-    return max(1, min(triton.cdiv(target_programs, batch), triton.cdiv(n, 32)))
+    return max(1, min(slots // batch, triton.cdiv(n, MIN_ROWS_PER_SPLIT)))
 
 
-def target_programs(device: torch.device) -> int:
-    """Programs that fill the device: two per SM on CUDA; one (no splitting) under the interpreter."""
+def split_rows(n: int, splits: int) -> int:
+    """Rows per split: ``n / splits`` rounded up to a multiple of ``SPLIT_ROWS``."""
+    return triton.cdiv(triton.cdiv(n, splits), SPLIT_ROWS) * SPLIT_ROWS
+
+
+def wave_slots(device: torch.device) -> int:
+    """Programs the device runs at once: its SMs times ``RESIDENT_PROGRAMS_PER_SM`` on CUDA; one (no
+    splitting) under the interpreter."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return RESIDENT_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     return 1
 
 
@@ -332,15 +437,9 @@ def _derive_weights(form, dtype, query, pos_embed, in_proj_weight, in_proj_bias,
 # The absorbed kernel: one program per (image, split of its rows).
 # ---------------------------------------------------------------------------------------------
 
-def _configs():
-    chosen = INTERPRETER_CONFIGS if interpreting() else ABSORBED_CONFIGS
-    return [triton.Config({"BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"], num_stages=c["num_stages"])
-            for c in chosen]
-
-
-@triton.autotune(configs=_configs(), key=["rows_per_split", "BLOCK_D", "BLOCK_HQ", "VARLEN", "KEY_TABLE", "KEY_GRID",
-                                          "HAS_MASK"])
-@triton.jit
+# The batch and split counts only index the small result rows: no specialisation (one binary for
+# every batch size; rows_per_split is always a multiple of 16).
+@triton.jit(do_not_specialize=["B", "num_splits"])
 def _absorbed_kernel(
     x_ptr, queries_ptr, key_table_ptr, key_grid_ptr, starts_ptr, lengths_ptr, widths_ptr, mask_ptr,
     y_ptr, max_ptr, sum_ptr,
@@ -424,6 +523,28 @@ def _absorbed_kernel(
     tl.store(sum_ptr + row_index, running_sum, mask=mask_hq)
 
 
+def _prune_configs(configs, named_args, **kwargs):
+    """Autotuner hook: drop the configs that cannot fit this GPU before any compile."""
+    x = named_args["x_ptr"]
+    limits = device_limits(x.device)
+    if limits is None:
+        return configs
+    kept = select_configs(x.dtype, kwargs["BLOCK_HQ"], kwargs["BLOCK_D"], kwargs["KEY_GRID"], *limits)
+    return [c for c in configs if c in kept]
+
+
+_AUTOTUNE_KEY = ["rows_per_split", "BLOCK_D", "BLOCK_HQ", "VARLEN", "KEY_TABLE", "KEY_GRID", "HAS_MASK"]
+_half_kernel, _fp32_kernel = (
+    triton.autotune(INTERPRETER_CONFIGS if interpreting() else configs, key=_AUTOTUNE_KEY,
+                    prune_configs_by={"early_config_prune": _prune_configs})(_absorbed_kernel)
+    for configs in (HALF_CONFIGS, FP32_CONFIGS))
+
+
+def autotuned_kernel(dtype: torch.dtype):
+    """The autotuned absorbed kernel the launcher runs for x of ``dtype`` (its configs: ``configs_for``)."""
+    return _fp32_kernel if dtype == torch.float32 else _half_kernel
+
+
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Workspace allocation (one place, so tests can poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -471,8 +592,8 @@ def _absorbed_heads(x, weights, layout: Layout, scores: ScoreInputs, num_heads, 
     batch, rows = layout.batch, layout.rows
     hq = num_heads * num_queries
     if splits is None:
-        splits = choose_splits(batch, rows, target_programs(x.device))
-    rows_per_split = triton.cdiv(rows, splits)
+        splits = choose_splits(batch, rows, wave_slots(x.device))
+    rows_per_split = split_rows(rows, splits)
     splits = triton.cdiv(rows, rows_per_split)  # no split starts beyond the longest image
     # One split writes the final y directly in x's dtype; partial results stay fp32 for the merge.
     y = _empty((hq, batch, splits, dim), x.dtype if splits == 1 else torch.float32, x.device)
@@ -488,7 +609,8 @@ def _absorbed_heads(x, weights, layout: Layout, scores: ScoreInputs, num_heads, 
     stride_xb, stride_xn, stride_xd = (0, *x.stride()) if packed else x.stride()
     key_table = scores.key_table
     stride_tb = key_table.shape[1] * hq if key_table is not None and key_table.dim() == 3 and key_table.shape[0] > 1 else 0
-    _absorbed_kernel[(batch, splits)](
+    block_hq, block_d = block_sizes(hq, dim)
+    autotuned_kernel(x.dtype)[(batch, splits)](
         x, weights["queries"],
         key_table if key_table is not None else x, scores.key_grid if scores.key_grid is not None else x,
         starts, lengths, scores.widths if scores.widths is not None else x, scores.mask if scores.mask is not None else x,
@@ -497,7 +619,7 @@ def _absorbed_heads(x, weights, layout: Layout, scores: ScoreInputs, num_heads, 
         scores.key_grid.shape[1] if scores.key_grid is not None else 0,
         stride_xb, stride_xn, stride_xd, stride_tb, scores.mask.stride(0) if scores.mask is not None else 0,
         eps,
-        BLOCK_D=triton.next_power_of_2(dim), BLOCK_HQ=max(16, triton.next_power_of_2(hq)),
+        BLOCK_D=block_d, BLOCK_HQ=block_hq,
         VARLEN=varlen, KEY_TABLE=key_table is not None, KEY_GRID=scores.key_grid is not None,
         HAS_MASK=scores.mask is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -565,7 +687,8 @@ def compress_triton(x, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_
 
     Same arguments and result as ``compress_ref``. ``form`` forces ``"absorbed"`` or ``"projected"``
     (default: ``choose_form``); ``splits`` forces how many programs share an image's rows in the
-    absorbed form (default: ``choose_splits``); ``out`` is an optional contiguous [B, Q, D] tensor
+    absorbed form (default: ``choose_splits``; each covers a multiple of 16 rows, so fewer may run);
+    ``out`` is an optional contiguous [B, Q, D] tensor
     of x's dtype to write into.
     """
     weights = [query, pos_embed, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
@@ -573,7 +696,8 @@ def compress_triton(x, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_
     options = dict(query_pos=query_pos, key_pos=key_pos, grid_sizes=grid_sizes, cu_seqlens=cu_seqlens,
                    key_padding_mask=key_padding_mask, attn_mask=attn_mask)
     check_inputs(x, *weights, num_heads, **options)
-    if x.device.type != "cuda" and not interpreting():
+    # Meta tensors run everything but the kernels: the ahead-of-time check records the launches.
+    if x.device.type not in ("cuda", "meta") and not interpreting():
         raise ValueError(f"x: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}")
     dim = x.shape[-1]
     num_queries = query.shape[0]

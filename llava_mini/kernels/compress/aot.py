@@ -1,0 +1,78 @@
+"""What the ahead-of-time compile check (``llava_mini.kernels.aot``) compiles for the compressor.
+
+The absorbed kernel as ``compress_triton`` launches it (recorded on meta tensors, so the launcher's
+own layout, strides and constants) for LLaVA-Mini's compressor: D = 1024, 8 heads, over N = 576
+tokens (one 336 px image) and 2304 (the HD model's 2 x 2 crops), in each dtype the kernel takes, at
+C = 1 (the 1-token model) and C = 2 (4 queries: the largest the absorbed form takes at this width;
+the HD model's C = 8 runs the projected form). Two launches per shape: a batch that fills the GPU
+(one program per image, the result written in x's dtype) and one image split over several programs
+(fp32 partial results). Launches that differ only in sizes divisible by 16 (N, rows per split)
+compile to one binary and are compiled once. The key term is the resized query table
+(``key_pos="resize"``), the only variant LLaVA-Mini's forward produces; the MiniCPM-V and Qwen-VL
+resamplers have 1,152 to 8,192 score columns (H*Q) at their real shapes and run the projected form,
+whose matmuls are not Triton's.
+
+The dispatch rule: the autotuner considers the configs whose register tile fits
+(``absorbed_configs``; none for fp32 at C = 2), keeps those whose shared memory fits the arch
+(``shared_memory_bytes``), and ``choose_form`` runs the absorbed kernel on an arch exactly where one
+is kept (the check asserts both against the compiles). The split rule assumes
+``RESIDENT_PROGRAMS_PER_SM``; the check asserts every kept config has that occupancy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llava_mini.kernels.aot import LaunchCase, record_launches
+from llava_mini.kernels.compress import triton as kernel
+
+DIM, HEADS = 1024, 8
+COMPRESSOR_SIZES = (1, 2)  # C: C x C queries
+TOKENS = (576, 2304)
+FULL_BATCH = 256
+SMALLEST_GPU_SMS = 82  # RTX 3090: one image splits the same way on every GPU in gpus.ARCHS
+# Spill stores (bytes per thread) a config the autotuner may pick is allowed: a few registers'
+# worth outside the key loop, never a collapsed kernel.
+MAX_SPILL_BYTES = 64
+
+
+def launch(compressor_size: int, tokens: int, batch: int, dtype: torch.dtype, splits: int):
+    """The absorbed kernel's launch for LLaVA-Mini's compressor, recorded without running it."""
+    def meta(*shape):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    queries = compressor_size ** 2
+    weights = [meta(queries, DIM), meta(queries, DIM), meta(3 * DIM, DIM), meta(3 * DIM), meta(DIM, DIM), meta(DIM),
+               meta(DIM), meta(DIM), meta(DIM), meta(DIM)]
+    [recorded] = record_launches(kernel, kernel.compress_triton, meta(batch, tokens, DIM), *weights, HEADS, 1e-5,
+                                 form="absorbed", splits=splits)
+    return recorded
+
+
+def aot_cases() -> list[LaunchCase]:
+    cases = []
+    for size in COMPRESSOR_SIZES:
+        queries = size ** 2
+        for tokens in TOKENS:
+            split = kernel.choose_splits(1, tokens, SMALLEST_GPU_SMS * kernel.RESIDENT_PROGRAMS_PER_SM)
+            for batch, splits, label in ((FULL_BATCH, 1, f"{FULL_BATCH} images"),
+                                         (1, split, f"1 image in {split} splits")):
+                for dtype in kernel.SUPPORTED_DTYPES:
+                    recorded = launch(size, tokens, batch, dtype, splits)
+                    block_hq, block_d = recorded.args["BLOCK_HQ"], recorded.args["BLOCK_D"]
+                    key_grid = recorded.args["KEY_GRID"]
+
+                    def keeps(config, arch, dtype=dtype, block_hq=block_hq, block_d=block_d, key_grid=key_grid):
+                        return config in kernel.absorbed_configs(dtype, block_hq, block_d, key_grid,
+                                                                 arch.shared_per_block)
+
+                    def picked(arch, dtype=dtype, queries=queries):
+                        return kernel.choose_form_for(HEADS, queries, DIM, dtype, arch.shared_per_block) == "absorbed"
+
+                    cases.append(LaunchCase(
+                        "compress", f"C={size} N={tokens}, {label}", dtype, kernel.autotuned_kernel(dtype),
+                        recorded.args, keeps, MAX_SPILL_BYTES,
+                        configs=tuple(kernel.absorbed_configs(dtype, block_hq, block_d, key_grid)),
+                        picked=picked, fallback="projected form (K/V matmuls + SDPA)",
+                        programs_per_sm=kernel.RESIDENT_PROGRAMS_PER_SM, group=f"C={size}"))
+    return cases
