@@ -131,6 +131,12 @@ class LlavaMiniConfig:
         return self.crop_size // self.vision["patch_size"]
 
     @property
+    def crops_per_image(self) -> int:
+        """CLIP inputs per image or video frame: 1, or for HD (ratio r > 1) r x r blocks plus the whole."""
+        r = self.resolution_ratio
+        return r * r + 1 if r > 1 else 1
+
+    @property
     def num_patches(self) -> int:
         """CLIP tokens per crop (576 for the release)."""
         return self.grid ** 2

@@ -55,8 +55,7 @@ def frames_per_chunk(config: LlavaMiniConfig, itemsize: int, budget_bytes: int) 
     (CLIP on each of the frame's crops, its pre-fusion rows) at ``itemsize`` bytes per value. The
     model and the memory planner both size chunks by it."""
     t, v = config.text, config.vision
-    r = config.resolution_ratio
-    crops = 1 if r == 1 else r * r + 1  # CLIP inputs per frame
+    crops = config.crops_per_image
     rows = crops * config.num_patches + config.tokens_per_image
     kv = 2 * max(config.prefusion_layers, 1) * t["num_key_value_heads"] * (t["hidden_size"] // t["num_attention_heads"])
     prefusion = rows * (kv + 4 * t["hidden_size"] + 2 * t["intermediate_size"])
@@ -246,8 +245,8 @@ class LlavaMini(nn.Module):
     def prefix_bytes_per_frame(self) -> int:
         """Bytes a video prefix keeps per frame: every pre-fusion layer's keys and values for the
         frame's vision + compressed rows, plus its C^2 pre-fused tokens."""
-        t, r = self.config.text, self.config.resolution_ratio
-        rows = self.config.num_patches * (r * r + 1 if r > 1 else 1) + self.config.tokens_per_image
+        t = self.config.text
+        rows = self.config.num_patches * self.config.crops_per_image + self.config.tokens_per_image
         head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
         kv = self.config.prefusion_layers * 2 * t["num_key_value_heads"] * head_dim * rows
         itemsize = torch.finfo(self.dtype).bits // 8

@@ -104,8 +104,7 @@ def encode_chunk_peak_bytes(config, frames: int, prompt_len: int = 64, dtype="bf
         raise ValueError(f"attn: expected one of {ATTN_IMPLS}, got {attn!r}")
     s = shapes(config)
     b = _dtype_bytes(dtype)
-    r = config.resolution_ratio
-    crops = frames * (r * r + 1 if r > 1 else 1)
+    crops = frames * config.crops_per_image
     n = config.num_patches + 1
     pixels = crops * s.channels * config.crop_size ** 2 * b
     hidden = (s.vlayers + 1) * crops * n * s.dv * b
@@ -113,7 +112,7 @@ def encode_chunk_peak_bytes(config, frames: int, prompt_len: int = 64, dtype="bf
     if attn == "eager":
         clip_layer += crops * s.vheads * n * n * (2 * b + 4)  # scores, fp32 softmax, probs
     clip = pixels + hidden + clip_layer
-    n_vis = config.num_patches * (r * r + 1 if r > 1 else 1)
+    n_vis = config.num_patches * config.crops_per_image
     q = config.tokens_per_image
     proj = frames * (n_vis + q) * (s.dv + 3 * s.d) * b
     rows = n_vis + q
@@ -218,8 +217,7 @@ def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64,
     act_tok = llm_activation_bytes_per_token(config, dtype)
     embeds_tok = 3 * s.d * b  # the fused rows, the concatenated prompt, the left-padded batch copy
     eager_quadratic = attn == "eager"
-    r = config.resolution_ratio
-    crops = r * r + 1 if r > 1 else 1  # an HD frame is r x r blocks and the whole frame, as released
+    crops = config.crops_per_image
     kept = 0
     notes = []
     if pixels_on_device:
