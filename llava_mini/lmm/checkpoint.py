@@ -62,6 +62,16 @@ def from_released(name: str, ours_keys) -> str | None:
     return None
 
 
+def released_shapes(config: LlavaMiniConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a released-layout checkpoint of ``config`` holds: {released key: shape}
+    (from a model built on the meta device: no memory, no initialisation)."""
+    from llava_mini.lmm.model import LlavaMini
+
+    with torch.device("meta"):
+        model = LlavaMini(config)
+    return {to_released(k): tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def config_to_json(config: LlavaMiniConfig, dtype: torch.dtype) -> dict:
     text = config.text_config()
     out = {k: getattr(text, k) for k in TEXT_KEYS if getattr(text, k, None) is not None}
@@ -98,6 +108,11 @@ def config_from_json(d: dict) -> LlavaMiniConfig:
     if d.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise ValueError(f"config.json: mm_projector_type {d['mm_projector_type']!r} is not supported (mlp2x_gelu)")
     text = {k: d[k] for k in TEXT_KEYS if d.get(k) is not None}
+    rope = d.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" not in text:  # a transformers 5 config's to_dict()
+        text["rope_theta"] = rope.get("rope_theta")
+        if rope.get("rope_type", "default") != "default":
+            text["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     template = d.get("llava_mini_template") or ("llama_3_1" if text.get("vocab_size", 0) >= 128000 else "vicuna_v1")
     return LlavaMiniConfig(
         vision=vision, text=text, compressor_size=d.get("compressor_size", 1),

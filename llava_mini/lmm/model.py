@@ -64,62 +64,43 @@ def frames_per_chunk(config: LlavaMiniConfig, itemsize: int, budget_bytes: int) 
     return max(1, budget_bytes // ((prefusion + clip) * itemsize))
 
 
-class LlavaMini(nn.Module):
-    """LLaVA-Mini: one (C x C) vision token per image for the LLM, vision fused into text beforehand.
+class LlavaMiniEncoder(nn.Module):
+    """Everything of LLaVA-Mini before the LLM: CLIP, the compressor, the projector and pre-fusion.
 
-    Build from a config or a preset (``LlavaMini.from_preset("tiny")``), or load a local checkpoint
-    in the released layout (``LlavaMini.from_pretrained(dir)``). Run images, HD images and videos
-    with ``encode`` (what the LLM receives) and ``generate``. ``set_backend`` picks the path of
-    the hot operations ("torch" reference, "sdpa", "triton", "flash_attn").
+    It turns images, HD images and videos with their prompts into what the LLM receives
+    (``encode``, or ``llm_rows`` per prompt). ``LlavaMini`` adds the LLM; the vLLM plugin
+    (``llava_mini.serving``) pairs it with vLLM's own LLM, passing that LLM's token embedding as
+    ``embed_tokens``. The pre-fusion layers run with ``text_config`` (the LLM's config object, so
+    one attention switch serves both).
     """
 
-    def __init__(self, config: LlavaMiniConfig, savings: Savings | None = None):
+    def __init__(self, config: LlavaMiniConfig, text_config, embed_tokens=None, savings: Savings | None = None):
         super().__init__()
         if not isinstance(config, LlavaMiniConfig):
             raise TypeError(f"config: expected a LlavaMiniConfig, got {type(config).__name__}")
         self.config = config
         self.savings = savings or Savings()
         self._backend: str | None = None
+        self._embed_tokens = embed_tokens
         self.tokenizer = None
         # The CLIP image processor; a checkpoint's preprocessor_config.json replaces it on loading.
         self.image_processor = processing.clip_image_processor(config.crop_size)
-        text_config = config.text_config()
-        text_config._attn_implementation = "eager"
         self.vision_tower = CLIPVisionModel(config.vision_config())
         dv, d = config.vision["hidden_size"], text_config.hidden_size
         self.compressor = Resampler(config.compressor_size, dv, config.compressor_heads)
         self.mm_projector = nn.Sequential(nn.Linear(dv, d), nn.GELU(), nn.Linear(d, d))
-        self.llm = LlamaForCausalLM(text_config)
-        # The pre-fusion layers share the LLM's config object: one attention switch for both.
-        self.prefusion = PreFusion(self.llm.config, config.prefusion_layers)
+        self.prefusion = PreFusion(text_config, config.prefusion_layers)
 
-    # --- construction --------------------------------------------------------------------------
-    @classmethod
-    def from_preset(cls, name: str, dtype: torch.dtype | None = None, device=None, **overrides) -> "LlavaMini":
-        """A randomly initialised model of preset ``name`` (see ``LlavaMiniConfig.presets()``)."""
-        return cls.from_config(LlavaMiniConfig.from_preset(name, **overrides), dtype=dtype, device=device)
+    @property
+    def text_config(self):
+        """The LLM's config (shared with the pre-fusion layers)."""
+        return self.prefusion.config
 
-    @classmethod
-    def from_config(cls, config: LlavaMiniConfig, dtype: torch.dtype | None = None, device=None) -> "LlavaMini":
-        """A randomly initialised model built directly in ``dtype`` on ``device`` (eval mode)."""
-        with default_dtype_and_device(dtype, device):
-            model = cls(config)
-        return model.to(dtype=dtype).eval() if dtype is not None else model.eval()
-
-    @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, strict: bool = True) -> "LlavaMini":
-        """Load a local directory in the released layout (config.json + sharded safetensors)."""
-        from llava_mini.lmm.checkpoint import load_pretrained
-
-        return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict)
-
-    def save_pretrained(self, path, max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None) -> None:
-        """Write the released layout: config.json, safetensors shards and their index, the image
-        processor's preprocessor_config.json (and the tokenizer). ``dtype`` stores the weights in
-        another dtype than the model's (e.g. bfloat16)."""
-        from llava_mini.lmm.checkpoint import save_pretrained
-
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """The LLM's plain token embeddings of ``ids`` (any shape, ids >= 0)."""
+        if self._embed_tokens is None:
+            raise NotImplementedError("embed_tokens: give the LLM's token embedding as embed_tokens=")
+        return self._embed_tokens(ids)
 
     @property
     def device(self) -> torch.device:
@@ -130,7 +111,7 @@ class LlavaMini(nn.Module):
         return self.mm_projector[0].weight.dtype
 
     # --- backend ---------------------------------------------------------------------------------
-    def set_backend(self, name: str | None) -> "LlavaMini":
+    def set_backend(self, name: str | None) -> "LlavaMiniEncoder":
         """Pick this model's backend ("torch", "sdpa", "triton", "flash_attn"; None follows the default)."""
         self._backend = None if name is None else backends.validate(name)
         return self
@@ -139,7 +120,7 @@ class LlavaMini(nn.Module):
     def backend_scope(self, backend: str | None = None):
         """Run a block on ``backend`` (else this model's, else the process default/environment)."""
         name = backends.validate(backend) if backend is not None else (self._backend or backends.get_backend())
-        with backends.configs_on_backend(name, self.llm.config, self.vision_tower.config):
+        with backends.configs_on_backend(name, self.text_config, self.vision_tower.config):
             yield name
 
     # --- stages ------------------------------------------------------------------------------------
@@ -293,7 +274,7 @@ class LlavaMini(nn.Module):
         padded = torch.zeros(len(ids), longest, dtype=torch.long, device=self.device)
         for i, row in enumerate(ids):
             padded[i, :len(row)] = torch.tensor(row, device=self.device)
-        return self.llm.get_input_embeddings()(padded.clamp(min=0)), padded > 0
+        return self.embed_tokens(padded.clamp(min=0)), padded > 0
 
     # --- encode ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -307,7 +288,22 @@ class LlavaMini(nn.Module):
         Prompts are ``input_ids`` (holding IMAGE_TOKEN_INDEX once) or text ``prompts``. Video files
         stream: memory holds a chunk or two of frames and C^2 tokens per frame (see ``prepare_video``).
         A result longer than the LLM's ``max_position_embeddings`` raises ValueError (before the
-        work, for videos).
+        work, for videos). The prompts' rows (``llm_rows``), left-padded into one batch.
+        """
+        out = LLMInput.left_pad(self.llm_rows(images, input_ids, prompts=prompts, videos=videos, prefix=prefix,
+                                              attention_mask=attention_mask, fps=fps, max_frames=max_frames,
+                                              backend=backend))
+        self.check_context_length(out.inputs_embeds.shape[1])
+        return out
+
+    @torch.no_grad()
+    def llm_rows(self, images=None, input_ids=None, *, prompts=None, videos=None, prefix: Prefix | None = None,
+                 attention_mask=None, fps: float = 1.0, max_frames: int | None = None,
+                 backend: str | None = None) -> list[torch.Tensor]:
+        """What the LLM receives for each prompt, one [T_i, d] tensor per prompt (inputs as for ``encode``).
+
+        With an image or video: the fused text before ``<image>``, the vision tokens, the fused text
+        after it, cut to ``tokenizer_model_max_length`` (as released); text only: plain embeddings.
         """
         sources = [s is not None for s in (images, videos, prefix)]
         if sum(sources) > 1:
@@ -315,8 +311,7 @@ class LlavaMini(nn.Module):
         ids = self.prompt_ids(input_ids, prompts, attention_mask, with_image=any(sources))
         with self.backend_scope(backend):
             if not any(sources):
-                return LLMInput.left_pad([self.llm.get_input_embeddings()(torch.tensor(r, device=self.device).clamp(min=0))
-                                          for r in ids])
+                return [self.embed_tokens(torch.tensor(r, device=self.device).clamp(min=0)) for r in ids]
             for i, row in enumerate(ids):
                 self.image_position(row, i)
             if videos is not None:
@@ -343,10 +338,8 @@ class LlavaMini(nn.Module):
                 else:
                     fused = zip(*self.fuse_reference(vision, compressed, ids))
             image_pos = [self.image_position(r, i) for i, r in enumerate(ids)]
-            out = LLMInput.left_pad(self.truncate([torch.cat([text[:p], vis, text[p + 1:len(r)]])
-                                                   for (vis, text), p, r in zip(fused, image_pos, ids)]))
-            self.check_context_length(out.inputs_embeds.shape[1])
-            return out
+            return self.truncate([torch.cat([text[:p], vis, text[p + 1:len(r)]])
+                                  for (vis, text), p, r in zip(fused, image_pos, ids)])
 
     def truncate(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each prompt's LLM input cut to ``config.tokenizer_model_max_length`` positions (as released);
@@ -362,7 +355,7 @@ class LlavaMini(nn.Module):
     def check_context_length(self, tokens: int, detail: str = "") -> None:
         """Refuse a sequence longer than the LLM's ``max_position_embeddings`` (past it, RoPE
         positions run beyond what the model was trained on, silently)."""
-        limit = self.llm.config.max_position_embeddings
+        limit = self.text_config.max_position_embeddings
         if tokens > limit:
             detail = f" ({detail})" if detail else ""
             raise ValueError(f"context: {tokens:,} tokens{detail} exceed the LLM's max_position_embeddings "
@@ -413,7 +406,7 @@ class LlavaMini(nn.Module):
             frames = self.prepare_video(frames)
         # what the loop keeps is allocated once, up front: nothing long-lived is interleaved with the
         # chunks' transient activations, so the allocator reuses the same memory for every chunk
-        d = self.llm.config.hidden_size
+        d = self.text_config.hidden_size
         compressed = torch.empty(frames.count, self.config.tokens_per_image, d, dtype=self.dtype, device=self.device)
         total = torch.zeros(len(ids), d, dtype=torch.float32, device=self.device)
         done = 0
@@ -429,6 +422,56 @@ class LlavaMini(nn.Module):
             done += comp.shape[0]
             total += text.float().sum(0)
         return compressed.flatten(0, 1), (total / frames.count).to(self.dtype)
+
+class LlavaMini(LlavaMiniEncoder):
+    """LLaVA-Mini: one (C x C) vision token per image for the LLM, vision fused into text beforehand.
+
+    Build from a config or a preset (``LlavaMini.from_preset("tiny")``), or load a local checkpoint
+    in the released layout (``LlavaMini.from_pretrained(dir)``). Run images, HD images and videos
+    with ``encode`` (what the LLM receives) and ``generate``. ``set_backend`` picks the path of
+    the hot operations ("torch" reference, "sdpa", "triton", "flash_attn").
+    """
+
+    def __init__(self, config: LlavaMiniConfig, savings: Savings | None = None):
+        if not isinstance(config, LlavaMiniConfig):
+            raise TypeError(f"config: expected a LlavaMiniConfig, got {type(config).__name__}")
+        text_config = config.text_config()
+        text_config._attn_implementation = "eager"
+        llm = LlamaForCausalLM(text_config)
+        # The pre-fusion layers share the LLM's config object: one attention switch for both.
+        super().__init__(config, llm.config, savings=savings)
+        self.llm = llm
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(ids)
+
+    # --- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, dtype: torch.dtype | None = None, device=None, **overrides) -> "LlavaMini":
+        """A randomly initialised model of preset ``name`` (see ``LlavaMiniConfig.presets()``)."""
+        return cls.from_config(LlavaMiniConfig.from_preset(name, **overrides), dtype=dtype, device=device)
+
+    @classmethod
+    def from_config(cls, config: LlavaMiniConfig, dtype: torch.dtype | None = None, device=None) -> "LlavaMini":
+        """A randomly initialised model built directly in ``dtype`` on ``device`` (eval mode)."""
+        with default_dtype_and_device(dtype, device):
+            model = cls(config)
+        return model.to(dtype=dtype).eval() if dtype is not None else model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, strict: bool = True) -> "LlavaMini":
+        """Load a local directory in the released layout (config.json + sharded safetensors)."""
+        from llava_mini.lmm.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, strict=strict)
+
+    def save_pretrained(self, path, max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None) -> None:
+        """Write the released layout: config.json, safetensors shards and their index, the image
+        processor's preprocessor_config.json (and the tokenizer). ``dtype`` stores the weights in
+        another dtype than the model's (e.g. bfloat16)."""
+        from llava_mini.lmm.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
     # --- generate ------------------------------------------------------------------------------------
     @torch.no_grad()
