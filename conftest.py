@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "vllm: runs vLLM engines or servers (skipped without vLLM); -m 'not vllm' leaves them out")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,8 +14,9 @@ import torch
 
 def byte_tokenizer(vocab_size: int):
     """A tokenizer over bytes: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, the 256 byte symbols, then filler
-    tokens ``<xN>`` up to ``vocab_size`` (so any id a model emits has text). ``decode(encode(s)) == s``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    tokens ``<xN>`` up to ``vocab_size`` (so any id a model emits has text). ``decode(encode(s)) == s``;
+    like Llama's tokenizers it puts ``<s>`` first when asked for special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>"]
@@ -28,6 +29,7 @@ def byte_tokenizer(vocab_size: int):
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # BOS, as Llama's
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
