@@ -1,4 +1,4 @@
-"""``llava-mini``: bench | profile | generate | plan."""
+"""``llava-mini``: bench | profile | generate | plan | serve."""
 
 from __future__ import annotations
 
@@ -182,6 +182,13 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from llava_mini.serving.server import serve
+
+    serve(args.checkpoint, args.options)  # replaces this process by vLLM's server
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llava_mini.kernels.backend import BACKENDS
     from llava_mini.lmm import LlavaMiniConfig
@@ -249,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device")
     g.add_argument("--dtype", choices=DTYPES)
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="vLLM's OpenAI-compatible server on a checkpoint (needs the vllm extra)",
+                       description="Starts vLLM's OpenAI-compatible server on CHECKPOINT with the LLaVA-Mini plugin, "
+                                   "the released chat template and frame selection, and unknown request fields "
+                                   "refused (--allow-unknown-fields to accept them). Every option after CHECKPOINT "
+                                   "is vLLM's (e.g. --port 8000 --dtype bfloat16 --tensor-parallel-size 2).")
+    s.add_argument("checkpoint", help="a local checkpoint directory in the released layout")
+    s.add_argument("options", nargs=argparse.REMAINDER, help="vLLM server options")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 
