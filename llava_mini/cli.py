@@ -22,6 +22,8 @@ def parse_bytes(text: str) -> int:
 
 
 def cmd_bench(args) -> int:
+    if args.engine == "vllm":
+        return bench_engine(args)
     from llava_mini.profiling.ceilings import device_name
     from llava_mini.profiling.compare import BenchPlan, format_summary, run_bench
     from llava_mini.profiling.results import RESULTS_DIR, device_slug
@@ -36,6 +38,25 @@ def cmd_bench(args) -> int:
     results = run_bench(plan, out_dir=out, progress=not args.no_progress)
     print(format_summary(results))
     print(f"\nreport: {results['files']['markdown']}\njson:   {results['files']['json']}")
+    return 0
+
+
+def bench_engine(args) -> int:
+    """``bench --engine vllm``: LLaVA-Mini against LLaVA-1.5, both served by vLLM (llava_mini.serving.bench)."""
+    from llava_mini.profiling.ceilings import device_name
+    from llava_mini.profiling.estimate import Protocol
+    from llava_mini.profiling.results import RESULTS_DIR, device_slug
+    from llava_mini.serving.bench import format_engine_bench, run_engine_bench
+
+    gpu = torch.cuda.is_available()
+    preset = args.preset or ("llava-mini-vicuna-7b" if gpu else "small")
+    dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
+    protocol = Protocol(rel_width=args.width or 0.05, budget_s=args.budget or 20.0)
+    results = run_engine_bench(Path(args.out) if args.out else RESULTS_DIR / device_slug(device_name()), preset, dtype,
+                               tuple(args.concurrency), args.new_tokens, protocol,
+                               progress=(lambda m: None) if args.no_progress else print)
+    print(format_engine_bench(results))
+    print(f"\njson: {results['file']}")
     return 0
 
 
@@ -206,13 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", nargs="+", type=int)
     b.add_argument("--frames", nargs="+", type=int)
     b.add_argument("--budget", type=float, metavar="SECONDS",
-                   help="time budget of each comparison (default: 4 on CPU, 8 on GPU; the headline gets 3x)")
+                   help="time budget of each comparison (default: 4 on CPU, 8 on GPU, the headline 3x that; 20 with --engine vllm)")
     b.add_argument("--width", type=float, metavar="FRACTION",
                    help="stop a comparison once its 95%% interval is narrower than this fraction of the median "
                         "(default 0.05)")
     b.add_argument("--threads", type=int, help="torch CPU threads during the run (default: 1 on CPU, unchanged on GPU)")
     b.add_argument("--out", help="report folder (default: ./bench/results/<device>/)")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="transformers (default): the in-process report; vllm: both models served by vLLM "
+                        "(needs the vllm extra), throughput per concurrency, TTFT, KV blocks")
+    b.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16],
+                   help="with --engine vllm: requests submitted at once (default 1 4 16)")
+    b.add_argument("--new-tokens", type=int, default=16, help="with --engine vllm: tokens per answer")
     b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plan", help="how many frames fit in a VRAM budget (prediction)")
