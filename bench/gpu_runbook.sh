@@ -7,6 +7,8 @@
 #   bash bench/gpu_runbook.sh main       # llava-mini bench: the report against the 576-token baseline
 #                                        #   (both 7B models loaded at once; ~8 s per comparison, 24 s headline)
 #   bash bench/gpu_runbook.sh budget     # frames of Llama-3.1-8B context that fit a 24 GB cap, measured
+#   bash bench/gpu_runbook.sh serving    # LLaVA-Mini vs LLaVA-1.5 both served by vLLM (needs vLLM installed:
+#                                        #   pip install -e ".[vllm]"; the machine then needs network once)
 #   bash bench/gpu_runbook.sh video      # long videos: memory and frames/s, 100 to 10,000 frames (needs PyAV;
 #                                        # resumable: repeat until it prints the table)
 # Every comparison is interleaved and reported as a median ratio with its 95% interval
@@ -26,5 +28,6 @@ case "${1:-}" in
   budget)  python -m llava_mini.cli plan --vram 24GB --preset llava-mini-llama-3.1-8b --measure --json \
              > "bench/results/$(python -c 'from llava_mini.profiling.results import device_slug; from llava_mini.profiling.ceilings import device_name; print(device_slug(device_name()))')/budget.json" ;;
   video)   python bench/test_bench_video.py ;;
-  *) echo "usage: bash bench/gpu_runbook.sh tests|kernels|resampler|stages|main|budget|video" >&2; exit 2 ;;
+  serving) python -m llava_mini.cli bench --engine vllm ;;
+  *) echo "usage: bash bench/gpu_runbook.sh tests|kernels|resampler|stages|main|budget|video|serving" >&2; exit 2 ;;
 esac
