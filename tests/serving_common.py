@@ -49,11 +49,11 @@ def prompt_text(question: str, template: str = "vicuna_v1", with_image: bool = T
 
 
 @torch.no_grad()
-def reference(model, question: str, image=None, video=None, new_tokens: int = NEW_TOKENS):
+def reference(model, question: str, image=None, video=None, new_tokens: int = NEW_TOKENS, backend=None):
     """``LlavaMini.generate``'s greedy tokens and their log-probabilities (the oracle)."""
     media = {"images": [image]} if image is not None else {"videos": [list(video)]} if video is not None else {}
     out = model.generate(prompts=[question], max_new_tokens=new_tokens, eos_token_id=None, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True, **media)
+                         output_logits=True, return_dict_in_generate=True, backend=backend, **media)
     tokens = out.sequences[0, -new_tokens:].tolist()
     logprobs = [torch.log_softmax(step[0].double(), -1)[t].item() for step, t in zip(out.logits, tokens)]
     return tokens, logprobs

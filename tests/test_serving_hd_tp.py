@@ -55,3 +55,21 @@ def test_tensor_parallel_two_ranks(tp2, ref):
     outs = tp2.generate(prompts, greedy())
     for out, q, im in zip(outs, QUESTIONS, images + [None]):
         assert_same(out.outputs[0], reference(ref, q, image=im))
+
+
+@pytest.fixture(scope="module")
+def fused(checkpoint, tmp_path_factory):
+    vllm_env(tmp_path_factory.mktemp("vllm"))
+    with pytest.MonkeyPatch.context() as env:  # the engine's processes read it at start
+        env.setenv("LLAVA_MINI_BACKEND", "triton")
+        llm = make_engine(checkpoint)
+    yield llm
+    close(llm)
+
+
+def test_fused_kernels_inside_vllm(fused, ref):
+    """The encoder on this package's Triton kernels (the GPU default; the interpreter here) gives
+    the reference's tokens (``ref`` runs the torch backend)."""
+    image = random_image(90, 35, 27)
+    out = fused.generate([request(QUESTIONS[6], image)], greedy())[0]
+    assert_same(out.outputs[0], reference(ref, QUESTIONS[6], image=image, backend="torch"))
