@@ -5,6 +5,8 @@ before the tests import llava_mini.
 """
 
 import os
+import sys
+import warnings
 
 import pytest
 import torch
@@ -54,3 +56,43 @@ def tiny_tokenizer():
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
     return build
+
+
+LIBRARY_DIRS = tuple({os.path.dirname(os.path.dirname(warnings.__file__)), os.path.dirname(os.path.dirname(torch.__file__))})
+
+
+def deprecated_call_site(stack_start):
+    """The llava_mini frame that called into a library which warned, or None: the first frame above
+    the warning that is neither library code nor an import (a warning raised while a library is
+    imported is that library's, not ours)."""
+    frame = stack_start
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if path.startswith("<frozen importlib"):
+            return None
+        if not path.startswith(LIBRARY_DIRS) or "/llava_mini/" in path:
+            name = frame.f_globals.get("__name__", "")
+            return f"{name}:{frame.f_lineno}" if name.startswith("llava_mini") else None
+        frame = frame.f_back
+    return None
+
+
+@pytest.fixture(autouse=True)
+def no_deprecated_calls(monkeypatch):
+    """Fail a test in which this package's code calls something deprecated: a DeprecationWarning or
+    FutureWarning whose nearest caller outside the libraries is a llava_mini module (transformers
+    attributes its warnings to torch's Module.__call__, so warning filters by module cannot tell)."""
+    found = []
+    original = warnings.warn
+
+    def warn(message, category=None, stacklevel=1, source=None, **kwargs):
+        kind = category or (type(message) if isinstance(message, Warning) else UserWarning)
+        if issubclass(kind, (DeprecationWarning, FutureWarning)):
+            site = deprecated_call_site(sys._getframe(1))
+            if site:
+                found.append(f"{kind.__name__} from {site}: {message}")
+        return original(message, category, stacklevel + 1, source, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", warn)
+    yield
+    assert not found, "our code calls something deprecated:\n" + "\n".join(found)

@@ -13,11 +13,17 @@ Causal attention means the vision and compressed rows never see the text. Two ex
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding, rotate_half
+
+
+# The decoder layer's cache argument: ``cache`` from transformers 5.25 (``past_key_values`` is
+# deprecated there), ``past_key_values`` before. Read from the installed signature, once.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaDecoderLayer.forward).parameters else "past_key_values"
 
 
 def attention_mask_for(impl: str, key_valid: torch.Tensor, q_len: int, dtype: torch.dtype):
@@ -98,8 +104,8 @@ class PreFusion(nn.Module):
         mask = attention_mask_for(self.config._attn_implementation, key_valid, x.shape[1], x.dtype)
         pos_emb = self.rotary_emb(x, position_ids)
         for layer in layers:
-            x = layer(x, attention_mask=mask, position_ids=position_ids, past_key_values=past,
-                      position_embeddings=pos_emb)
+            x = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb,
+                      **{CACHE_KWARG: past})
         return x
 
     def project_kv(self, layer, x, position_ids):
