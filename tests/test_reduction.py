@@ -111,11 +111,20 @@ def test_fastv_keeping_every_token_is_the_unreduced_model(images):
     torch.testing.assert_close(kept_all.logits(prompt)[tokens], plain.logits(prompt)[tokens], atol=1e-6, rtol=0)
 
 
-def test_fastv_without_image_positions_is_refused(images):
-    model = LlavaBaseline.from_preset("tiny", dtype=torch.float32, reduction="fastv", tokens=8, fastv_layer=1)
-    prompt = model.encode(images, PROMPTS)
-    with pytest.raises(ValueError, match="image_mask"):
-        model.model(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask)
+def test_reductions_sharing_the_weights_leave_the_plain_model_alone(images):
+    torch.manual_seed(0)
+    plain = LlavaBaseline.from_preset("tiny", dtype=torch.float32)
+    fastv = plain.with_reduction("fastv", tokens=8, fastv_layer=1)
+    zipped = plain.with_reduction("visionzip", tokens=12)
+    assert fastv.model is plain.model and plain.reduction is None
+    prompt = plain.encode(images, PROMPTS)
+    before = plain.logits(prompt)
+    assert fastv.logits(fastv.encode(images, PROMPTS)).shape[1] == prompt.inputs_embeds.shape[1] - (49 - 8)
+    assert zipped.encode(images, PROMPTS).inputs_embeds.shape[1] == prompt.inputs_embeds.shape[1] - (49 - 12)
+    torch.testing.assert_close(plain.logits(plain.encode(images, PROMPTS)), before, atol=0, rtol=0)
+    # outside its scope (a bare LLM call) no hook is left behind
+    out = plain.model(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask).logits
+    assert out.shape[1] == prompt.inputs_embeds.shape[1]
 
 
 def test_visionzip_budget_splits_as_published():

@@ -8,6 +8,7 @@ so the comparison is against an implementation nobody here wrote.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -50,12 +51,22 @@ class LlavaBaseline(nn.Module):
         hf_config._attn_implementation = "eager"
         self.model = LlavaForConditionalGeneration(hf_config)
         self.image_processor = processing.clip_image_processor(config.crop_size)
+        self._set_reduction(reduction)
+
+    def _set_reduction(self, reduction: FastV | VisionZip | None) -> None:
+        if reduction is not None and reduction.tokens > self.config.num_patches:
+            raise ValueError(f"reduction: {type(reduction).__name__} keeps {reduction.tokens} tokens of "
+                             f"{self.config.num_patches}")
         self.reduction = reduction
         self.fastv = FastVPruner(self.model.model.language_model, reduction) if isinstance(reduction, FastV) else None
-        if isinstance(reduction, VisionZip) and reduction.tokens > config.num_patches:
-            raise ValueError(f"reduction: VisionZip keeps {reduction.tokens} tokens of {config.num_patches}")
-        if isinstance(reduction, FastV) and reduction.keep > config.num_patches:
-            raise ValueError(f"reduction: FastV keeps {reduction.keep} tokens of {config.num_patches}")
+
+    def with_reduction(self, reduction=None, tokens: int | None = None,
+                       fastv_layer: int = FASTV_DEFAULT_LAYER) -> "LlavaBaseline":
+        """This model under another reduction (arguments as ``from_preset``), sharing its weights:
+        a benchmark holds every method on one copy of LLaVA-1.5."""
+        twin = copy.copy(self)  # a new attribute dict; the modules (the weights) stay shared
+        twin._set_reduction(make_reduction(reduction, tokens, fastv_layer))
+        return twin
 
     @classmethod
     def from_preset(cls, name: str, dtype: torch.dtype | None = None, device=None, *, reduction=None,
@@ -149,7 +160,8 @@ class LlavaBaseline(nn.Module):
             return prompt
 
     def reduction_scope(self, prompt: LLMInput):
-        """Where the LLM runs on ``prompt``: FastV learns its image positions (nothing else needs it)."""
+        """The block in which the LLM runs on ``prompt``: FastV prunes only inside it (it learns the
+        image positions there); ``logits``, ``generate`` and the profilers' LLM calls enter it."""
         return self.fastv.images(prompt.image_mask) if self.fastv is not None else contextlib.nullcontext()
 
     @torch.no_grad()

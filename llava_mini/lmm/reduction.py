@@ -186,40 +186,42 @@ def last_token_attention(layer: nn.Module, hidden: torch.Tensor, mask, position_
 
 
 class FastVPruner:
-    """FastV installed on a transformers decoder (its ``layers``) with forward pre-hooks: layer ``K - 1``
-    reads the last token's attention, layer ``K`` drops the image tokens it ranks low, and layers
-    ``K..`` get the pruned mask, positions and rotary tables. Layers before K and the decoder's own
-    forward are untouched, so the cache of the first K layers is the unpruned model's.
+    """FastV on a transformers decoder (its ``layers``), as forward pre-hooks that live only inside
+    ``images(mask)``: layer ``K - 1`` reads the last token's attention, layer ``K`` drops the image
+    tokens it ranks low, and layers ``K..`` get the pruned mask, positions and rotary tables. Layers
+    before K and the decoder's own forward are untouched, so the cache of the first K layers is the
+    unpruned model's. Outside ``images`` the decoder is the unpruned model (models that share its
+    weights stay unaffected).
 
-    The image positions of the batch being prefilled come from ``images(mask)``; decode steps need
-    none (the mask's padding is at the left, so the pruned layers' mask is the full one's first
-    columns). Works with transformers' dynamic cache; ``kept`` holds the last prefill's kept
-    positions [B, T'] for inspection.
+    ``images(mask)`` gives the image positions of the batch being prefilled; decode steps need none
+    (the mask's padding is at the left, so the pruned layers' mask is the full one's first columns).
+    Works with transformers' dynamic cache; ``kept`` holds the last prefill's kept positions [B, T'].
     """
 
     def __init__(self, decoder: nn.Module, settings: FastV):
-        layers = decoder.layers
-        if settings.layer >= len(layers):
-            raise ValueError(f"reduction: FastV prunes after layer {settings.layer} but the LLM has {len(layers)}")
-        self.settings = settings
+        if settings.layer >= len(decoder.layers):
+            raise ValueError(f"reduction: FastV prunes after layer {settings.layer} but the LLM has "
+                             f"{len(decoder.layers)}")
+        self.decoder, self.settings = decoder, settings
         self.image_mask: torch.Tensor | None = None
         self.kept: torch.Tensor | None = None
         self._attention: torch.Tensor | None = None
         self._pruned: dict | None = None
-        k = settings.layer
-        layers[k - 1].register_forward_pre_hook(self._read_attention, with_kwargs=True)
-        for layer in layers[k:]:
-            layer.register_forward_pre_hook(self._prune, with_kwargs=True)
-        self._first_pruned = layers[k]
 
     @contextlib.contextmanager
     def images(self, image_mask: torch.Tensor):
-        """Prefills inside this block prune the positions where ``image_mask`` [B, T] is True."""
+        """Within this block the decoder prunes: prefills drop the positions where ``image_mask``
+        [B, T] is True (all but ``keep`` per row), decode steps use the pruned cache."""
+        k, layers = self.settings.layer, self.decoder.layers
+        hooks = [layers[k - 1].register_forward_pre_hook(self._read_attention, with_kwargs=True)]
+        hooks += [layer.register_forward_pre_hook(self._prune, with_kwargs=True) for layer in layers[k:]]
         self.image_mask = image_mask
         try:
             yield self
         finally:
             self.image_mask = None
+            for hook in hooks:
+                hook.remove()
 
     @staticmethod
     def _past(kwargs, layer_idx: int) -> int:
@@ -235,7 +237,7 @@ class FastVPruner:
         return None
 
     def _prune(self, layer, args, kwargs):
-        if layer is self._first_pruned:
+        if layer is self.decoder.layers[self.settings.layer]:
             self._pruned = self._plan(args, kwargs)
             hidden = self._pruned.pop("hidden", None)
             if hidden is not None:  # only the first pruned layer takes new hidden states
@@ -272,8 +274,7 @@ class FastVPruner:
         batch, length = shape
         images = self.image_mask
         if images is None:
-            raise ValueError("image_mask: FastV needs the prompt's image positions; run the LLM through "
-                             "LlavaBaseline.generate or LlavaBaseline.logits")
+            raise ValueError("image_mask: FastV needs the prompt's image positions (None given)")
         images = images.to(scores.device)
         if images.shape[0] != batch:  # beam search / num_return_sequences repeat each prompt
             images = images.repeat_interleave(batch // images.shape[0], dim=0)
