@@ -153,3 +153,16 @@ def test_bad_reduction_options_name_the_argument(kwargs, match):
 def test_bad_settings_name_the_argument(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_fastv_ranks_the_same_tokens_on_every_attention_backend(images):
+    torch.manual_seed(0)
+    model = LlavaBaseline.from_preset("tiny", dtype=torch.float32, reduction="fastv", tokens=10, fastv_layer=1)
+    prompt = model.encode(images, PROMPTS)
+    logits = {}
+    for backend in ("torch", "sdpa"):
+        logits[backend] = model.logits(prompt, backend=backend)
+        logits[f"{backend}.kept"] = model.fastv.kept
+    assert torch.equal(logits["torch.kept"], logits["sdpa.kept"])
+    valid = prompt.attention_mask.bool().gather(1, logits["torch.kept"])
+    torch.testing.assert_close(logits["sdpa"][valid], logits["torch"][valid], atol=1e-5, rtol=1e-5)

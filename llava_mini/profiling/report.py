@@ -526,28 +526,35 @@ def _roofline_plot(results, path):
 
 
 def _methods_plot(results, path):
+    """Two panels against the tokens per image: prefill FLOPs (``full``, exact) and the paired time-to-
+    first-token speedup over the 576-token baseline (the figure the machine's load cancels in)."""
     methods = results.get("measured", {}).get("methods")
     if not methods:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     families = {"llava-1.5": ("LLaVA-1.5 (576)", "s"), "fastv": ("FastV", "o"), "visionzip": ("VisionZip", "^"),
                 "llava-mini": ("LLaVA-Mini", "*")}
     for key, (label, marker) in families.items():
         rows = [r for r in methods["rows"] if r["method"].startswith(key)]
         if not rows:
             continue
+        style = dict(marker=marker, linestyle="-" if len(rows) > 1 else "none", label=label)
         xs = [r["tokens_held_per_image"] for r in rows]
-        t = [r["ttft_ms"] for r in rows]
-        ax.errorbar(xs, [e["median"] for e in t], yerr=[[e["median"] - e["low"] for e in t],
-                                                        [e["high"] - e["median"] for e in t]],
-                    marker=marker, linestyle="-" if len(rows) > 1 else "none", capsize=3, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("vision tokens the LLM holds per image (FastV: after its layer K)")
-    ax.set_ylabel("time to first token, ms (median, 95% interval)")
-    ax.set_title(f"time to first token vs tokens per image ({results.get('env', {}).get('device', '')})", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
+        axes[0].plot(xs, [r["prefill_flops_per_image"]["full"] / 1e9 for r in rows], **style)
+        speedups = [r.get("ttft_speedup") or {"median": 1.0, "low": 1.0, "high": 1.0} for r in rows]
+        axes[1].errorbar(xs, [e["median"] for e in speedups],
+                         yerr=[[e["median"] - e["low"] for e in speedups], [e["high"] - e["median"] for e in speedups]],
+                         capsize=3, **style)
+    axes[0].set_ylabel("prefill GFLOPs per image (full convention)")
+    axes[1].set_ylabel(f"time to first token: {methods['reference']} / method (paired, 95%)")
+    device = results.get("env", {}).get("device", "")
+    for ax, title in zip(axes, ("FLOPs", f"measured ({device})")):
+        ax.set_xscale("log")
+        ax.set_xlabel("vision tokens the LLM holds per image (FastV: after its layer K)")
+        ax.set_title(f"{title} vs tokens per image", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
     return _save(fig, path)
 
 
