@@ -6,6 +6,9 @@
 #   bash bench/gpu_runbook.sh stages     # pre-fusion savings, video loop vs batched
 #   bash bench/gpu_runbook.sh main       # llava-mini bench: the report against the 576-token baseline
 #                                        #   (both 7B models loaded at once; ~8 s per comparison, 24 s headline)
+#   bash bench/gpu_runbook.sh methods    # the bench with its methods table at the real shapes (Vicuna-7B, bf16; batches 1/16, 1 frame):
+#                                        #   LLaVA-1.5, FastV and VisionZip at 64/128/192 (one shared copy of
+#                                        #   the weights), LLaVA-Mini; report under bench/results/<gpu>/methods/
 #   bash bench/gpu_runbook.sh budget     # frames of Llama-3.1-8B context that fit a 24 GB cap, measured
 #   bash bench/gpu_runbook.sh serving    # LLaVA-Mini vs LLaVA-1.5 both served by vLLM (needs vLLM installed:
 #                                        #   pip install -e ".[vllm]"; the machine then needs network once)
@@ -25,9 +28,11 @@ case "${1:-}" in
   resampler) python bench/test_bench_resampler.py ;;
   stages)  python bench/test_bench_stages.py ;;
   main)    python -m llava_mini.cli bench ;;
+  methods) python -m llava_mini.cli bench --methods 64 128 192 --batches 1 16 --frames 1 --no-progress \
+             --out "bench/results/$(python -c 'from llava_mini.profiling.results import device_slug; from llava_mini.profiling.ceilings import device_name; print(device_slug(device_name()))')/methods" ;;
   budget)  python -m llava_mini.cli plan --vram 24GB --preset llava-mini-llama-3.1-8b --measure --json \
              > "bench/results/$(python -c 'from llava_mini.profiling.results import device_slug; from llava_mini.profiling.ceilings import device_name; print(device_slug(device_name()))')/budget.json" ;;
   video)   python bench/test_bench_video.py ;;
   serving) python -m llava_mini.cli bench --engine vllm ;;
-  *) echo "usage: bash bench/gpu_runbook.sh tests|kernels|resampler|stages|main|budget|video|serving" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_runbook.sh tests|kernels|resampler|stages|main|methods|budget|video|serving" >&2; exit 2 ;;
 esac

@@ -33,6 +33,7 @@ def cmd_bench(args) -> int:
                                 threads=args.threads,
                                 batches=tuple(args.batches) if args.batches else None,
                                 frames=tuple(args.frames) if args.frames else None,
+                                method_budgets=tuple(args.methods) if args.methods is not None else None,
                                 backends=tuple(args.backends) if args.backends else None)
     out = Path(args.out) if args.out else RESULTS_DIR / device_slug(device_name(plan.device))
     results = run_bench(plan, out_dir=out, progress=not args.no_progress)
@@ -226,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backends", nargs="+", choices=BACKENDS)
     b.add_argument("--batches", nargs="+", type=int)
     b.add_argument("--frames", nargs="+", type=int)
+    b.add_argument("--methods", nargs="*", type=int, metavar="TOKENS",
+                   help="token budgets of the methods table (FastV and VisionZip on the baseline, beside "
+                        "LLaVA-Mini; default 64 128 192); give none to skip the table")
     b.add_argument("--budget", type=float, metavar="SECONDS",
                    help="time budget of each comparison (default: 4 on CPU, 8 on GPU, the headline 3x that; 20 with --engine vllm)")
     b.add_argument("--width", type=float, metavar="FRACTION",

@@ -22,7 +22,7 @@ def test_plan_prints_a_prediction(capsys):
 def test_bench_runs_on_cpu_and_writes_the_report(tmp_path, capsys):
     code = main(["bench", "--device", "cpu", "--preset", "tiny", "--baseline", "tiny", "--batches", "1", "2",
                  "--frames", "1", "2", "--budget", "0", "--backends", "torch", "--out", str(tmp_path),
-                 "--no-progress"])
+                 "--methods", "8", "16", "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
     print(out)
@@ -38,6 +38,14 @@ def test_bench_runs_on_cpu_and_writes_the_report(tmp_path, capsys):
         assert ratio["stopped_by"] in ("width", "budget", "max_samples")
     assert results["summary"]["time_to_first_token_speedup"] == stages["prefill"]["ratio"]
     assert "prefill_throughput_speedup_batch2" in results["summary"]
+    # the methods table: every method against the 576-token baseline, in the report and its plot
+    methods = results["measured"]["methods"]
+    assert [r["method"] for r in methods["rows"]] == ["llava-1.5", "fastv-8", "fastv-16", "visionzip-8",
+                                                      "visionzip-16", "llava-mini"]
+    for r in methods["rows"][1:]:
+        assert r["ttft_speedup"]["unit"] == "x" and r["prefill_speedup"]["n"] >= 6
+        assert r["kv_bytes_per_image"] < methods["rows"][0]["kv_bytes_per_image"]
+    assert "### The methods" in (tmp_path / "report.md").read_text() and (tmp_path / "methods_ttft.png").exists()
     assert [r["frames"] for r in results["measured"]["video"]["latency"]] == [1, 2]
     assert {c["check"] for c in results["checks"]} >= {"shared stage vision_encoder agrees", "figures plausible"}
     assert results["noisy"] == (not all(c["ok"] for c in results["checks"]))
@@ -45,7 +53,7 @@ def test_bench_runs_on_cpu_and_writes_the_report(tmp_path, capsys):
     assert "| stage |" in md and "## Self-checks" in md and "CUDA graph" not in md
     for png in tmp_path.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list(tmp_path.glob("*.png"))) == 4
+    assert len(list(tmp_path.glob("*.png"))) == 5  # four, and the methods plot
 
 
 def test_profile_writes_a_trace(tmp_path, capsys):

@@ -5,6 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from llava_mini.lmm.config import LlavaMiniConfig
+from llava_mini.lmm.reduction import make_reduction
 from llava_mini.profiling import flops as F
 
 VICUNA = "llava-mini-vicuna-7b"
@@ -266,3 +267,33 @@ def test_counted_baseline_generate_matches(tiny):
     cost = F.count_flops(tiny, model="baseline", convention="counted", batch=2, prompt_len=L, new_tokens=G,
                          lm_head="last")
     assert measured == cost.total
+
+
+@pytest.mark.parametrize("reduction", ["fastv", "visionzip"])
+def test_counted_reduced_baseline_generate_matches(tiny, reduction):
+    from llava_mini.lmm.baseline import LlavaBaseline
+
+    torch.manual_seed(0)
+    model = LlavaBaseline.from_config(tiny, reduction=make_reduction(reduction, 12, fastv_layer=1))
+    L, G = 6, 3
+    kwargs = dict(images=torch.rand(2, 3, 28, 28), input_ids=_ids(L, 2), max_new_tokens=G, eos_token_id=None,
+                  backend="torch")
+    measured = _counted(lambda: model.generate(**kwargs))
+    cost = F.count_flops(tiny, model="baseline", convention="counted", batch=2, prompt_len=L, new_tokens=G,
+                         lm_head="last", reduction=model.reduction)
+    assert cost.tokens["reduction_flops"] > 0
+    assert measured == cost.total
+
+
+def test_reductions_cost_less_in_every_convention(tiny):
+    from llava_mini.lmm.reduction import FastV, VisionZip
+
+    for convention in F.CONVENTIONS:
+        full = F.count_flops(tiny, model="baseline", convention=convention, new_tokens=4)
+        for r in (FastV(layer=1, keep=12), VisionZip(dominant=10, contextual=2)):
+            cost = F.count_flops(tiny, model="baseline", convention=convention, new_tokens=4, reduction=r)
+            assert cost.prefill < full.prefill
+            # the paper's convention counts linear layers only: a decode step's cost is context-free
+            assert cost.flops["decode"] < full.flops["decode"] or convention == "paper"
+    with pytest.raises(ValueError, match="reduction"):
+        F.count_flops(tiny, model="mini", reduction=FastV())

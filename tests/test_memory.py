@@ -213,3 +213,22 @@ def test_plan_measure_reports_measured_memory_beside_the_prediction(capsys):
     assert main(["plan", "--preset", "tiny", "--dtype", "fp32", "--measure", "--frames", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "predicted peak" in out and "host peak RSS" in out
+
+
+@pytest.mark.parametrize("reduction", ["fastv", "visionzip"])
+def test_reduced_baseline_cache_is_the_predicted_kv_per_image(reduction):
+    from llava_mini.lmm.baseline import LlavaBaseline
+    from llava_mini.profiling.latency import prefill, random_inputs
+
+    torch.manual_seed(0)
+    model = LlavaBaseline.from_preset("tiny", dtype=torch.float32, reduction=reduction, tokens=12, fastv_layer=1)
+    cfg, L = model.config, 7
+    per_image = M.kv_bytes_per_image(cfg, "baseline", "fp32", model.reduction)
+    assert per_image < M.kv_bytes_per_image(cfg, "baseline", "fp32")
+    for batch in (1, 3):
+        pixels, ids = random_inputs(model, batch, L)
+        cache = prefill(model, ids, pixels, use_cache=True).past_key_values
+        assert M.cache_bytes(cache) == batch * (per_image + (L - 1) * M.kv_bytes_per_token(cfg, "fp32"))
+    full, reduced = M.plan(cfg, model="baseline"), M.plan(cfg, model="baseline", reduction=model.reduction)
+    assert reduced.kv_per_frame == M.kv_bytes_per_image(cfg, "baseline", "bf16", model.reduction)
+    assert reduced.max_frames > full.max_frames

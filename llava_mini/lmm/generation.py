@@ -20,11 +20,14 @@ from transformers import GenerationConfig
 class LLMInput:
     """The LLM's prefill input: left-padded embeddings, their mask and positions.
 
-    ``inputs_embeds`` [B, T, d]; ``attention_mask`` [B, T] (1 = token); ``position_ids`` [B, T].
+    ``inputs_embeds`` [B, T, d]; ``attention_mask`` [B, T] (1 = token); ``position_ids`` [B, T];
+    ``image_mask`` [B, T] (True at vision tokens) where the encoder records it (the baseline's FastV
+    reads it).
     """
 
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
+    image_mask: torch.Tensor | None = None
 
     @property
     def position_ids(self) -> torch.Tensor:

@@ -25,7 +25,8 @@ from llava_mini.profiling.ceilings import measure_ceilings
 from llava_mini.profiling.estimate import (Comparison, Estimate, Protocol, clock_name, format_estimate, paired_ratio,
                                            sample_until, timer)
 from llava_mini.profiling.flops import STAGES
-from llava_mini.profiling.latency import Generations, prefill, random_inputs, stage_fns
+from llava_mini.profiling.latency import Generations, decode_rate, prefill, random_inputs, stage_fns
+from llava_mini.profiling.methods import BASELINE, DEFAULT_BUDGETS, MINI, fastv_layer_for, method_costs, reduction_methods
 from llava_mini.profiling.report import analytic_results, render_report, self_checks
 from llava_mini.profiling.results import environment_tags
 
@@ -41,6 +42,9 @@ class BenchPlan:
     Every comparison samples pairs until its 95% interval is narrower than ``rel_width`` x its median
     or ``budget_s`` seconds have passed (at least 6 pairs); the headline (time to first token) gets
     ``headline_factor`` times that budget.
+
+    ``method_budgets``: the token budgets of the methods table (FastV and VisionZip on the baseline,
+    each against the 576-token baseline, LLaVA-Mini beside them); empty: no methods table.
 
     ``threads``: torch's intra-op threads during the run (None: leave as is). On the CPU the default
     is 1: with a thread per core every parallel op waits for its slowest thread, so any other process
@@ -60,6 +64,7 @@ class BenchPlan:
     budget_s: float = 4.0
     headline_factor: float = 3.0
     threads: int | None = None
+    method_budgets: tuple = DEFAULT_BUDGETS
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -93,6 +98,7 @@ class Bench:
         self.plan, self.clock = plan, clock
         self.protocol = plan.protocol(clock)
         steps = 1 + max(0, len(plan.backends) - 1) + 7 + len(plan.batches) + 1 + len(plan.frames) + 2
+        steps += 2 + 2 * len(plan.method_budgets) if plan.method_budgets else 0
         self.bar = tqdm(total=steps, desc="llava-mini bench", disable=not progress)
         self.ceilings = measure_ceilings(plan.device)
         self.step()
@@ -102,6 +108,10 @@ class Bench:
         self.baseline = LlavaBaseline.from_preset(plan.baseline_preset, dtype=plan.dtype, device=plan.device)
         self.base_backend = "sdpa" if "sdpa" in plan.backends else plan.backends[0]
         self.backend = plan.backends[0]  # LLaVA-Mini's; compare_backends picks the fastest
+        too_many = [t for t in plan.method_budgets if t > self.baseline.config.num_patches]
+        if too_many:
+            raise ValueError(f"method_budgets: {too_many} exceed the {self.baseline.config.num_patches} tokens per "
+                             f"image of preset {plan.baseline_preset!r}")
 
     def step(self):
         self.bar.update(1)
@@ -184,6 +194,49 @@ class Bench:
         out["ratio"] = c.ratio.to_dict()
         return out
 
+    def compare_methods(self) -> dict:
+        """The methods table: the baseline under FastV and VisionZip at each budget (sharing its
+        weights), and LLaVA-Mini, each paired against the 576-token baseline: time to first token and
+        prefill throughput at the largest batch (ratio = baseline / method: a speedup), the decode
+        rate (from the step times inside generations), and the analytic costs per image."""
+        plan, cfg = self.plan, self.baseline.config
+        batch = max(plan.batches)
+        models = {name: (self.baseline.with_reduction(r), r, self.base_backend)
+                  for name, r in reduction_methods(cfg, plan.method_budgets).items()}
+        models[MINI] = (self.mini, None, self.backend)
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[plan.dtype]
+        savings = {"prune_last_layer": self.mini.savings.prune_last_layer,
+                   "prefix_split": self.mini.savings.prefix_split}
+
+        def prefill_of(model, backend, n):
+            pixels, ids = random_inputs(model, n, PROMPT_LEN)
+            return self.timer(lambda: prefill(model, ids, pixels, backend=backend))
+
+        reference = {n: prefill_of(self.baseline, self.base_backend, n) for n in {1, batch}}
+        rows = []
+        for name, (model, reduction, backend) in models.items():
+            config = self.mini.config if name == MINI else cfg
+            row = method_costs(name, config, reduction, prompt_len=PROMPT_LEN + 1, dtype=dtype,
+                               mini_savings=savings if name == MINI else None)
+            row["backend"] = backend
+            if name == BASELINE:
+                row["ttft_ms"] = sample_until(reference[1], self.protocol).to_dict()
+            else:
+                c = paired_ratio(reference[1], prefill_of(model, backend, 1), self.protocol)
+                row["ttft_ms"], row["ttft_speedup"] = c.denominator.to_dict(), c.ratio.to_dict()
+                if batch > 1:
+                    c = paired_ratio(reference[batch], prefill_of(model, backend, batch), self.protocol)
+                    row["prefill_speedup"] = c.ratio.to_dict()
+                    row["prefill_images_per_s"] = c.denominator.reciprocal(1e3 * batch, "images/s").to_dict()
+            if name == BASELINE and batch > 1:
+                row["prefill_images_per_s"] = sample_until(reference[batch], self.protocol).reciprocal(
+                    1e3 * batch, "images/s").to_dict()
+            row["decode"] = decode_rate(model, 1, PROMPT_LEN, plan.new_tokens, backend, self.protocol, self.clock)
+            rows.append(row)
+            self.step()
+        return {"reference": BASELINE, "fastv_layer": fastv_layer_for(cfg), "batch": batch,
+                "prompt_len": PROMPT_LEN + 1, "rows": rows}
+
     def measure_video(self) -> dict:
         """LLaVA-Mini: video encode + LLM prefill time vs frames, and KV bytes per added frame."""
         model, s = self.mini, self.mini.config.crop_size
@@ -239,6 +292,8 @@ def run_bench(plan: BenchPlan, out_dir=None, progress: bool = True, clock=None) 
         measured["stages"] = stages = timed("stages", bench.compare_stages)
         measured["prefill_throughput"] = timed("prefill_throughput", bench.compare_throughput, stages)
         measured["decode"] = timed("decode", bench.compare_decode)
+        if plan.method_budgets:
+            measured["methods"] = timed("methods", bench.compare_methods)
         measured["video"] = timed("video", bench.measure_video)
         measured["memory"] = timed("memory", lambda: {
             "mini": bench.measure_memory(bench.mini, bench.backend),
@@ -314,6 +369,13 @@ def format_summary(results: dict) -> str:
         else:
             value = format_estimate(value, key)
         lines.append(f"{key}: {value}")
+    methods = results["measured"].get("methods")
+    if methods:
+        lines.append(f"methods (time to first token; speedup = {methods['reference']} / method, paired):")
+        for r in methods["rows"]:
+            speedup = format_estimate(r["ttft_speedup"], r["method"]) if "ttft_speedup" in r else "reference"
+            lines.append(f"  {r['method']:<14} {r['tokens_held_per_image']:>4} tokens  "
+                         f"{format_estimate(r['ttft_ms'], r['method'])}  {speedup}")
     for ch in results.get("checks", []):
         detail = ch["detail"] if len(ch["detail"]) <= 160 else ch["detail"][:157] + "..."  # the report has it all
         lines.append(f"[{'ok' if ch['ok'] else 'FLAG'}] {ch['check']}: {detail}")

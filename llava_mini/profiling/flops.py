@@ -34,6 +34,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from llava_mini.lmm.config import LlavaMiniConfig
+from llava_mini.lmm.reduction import FastV, VisionZip
 
 CONVENTIONS = ("paper", "full", "counted")
 MODELS = ("mini", "baseline")
@@ -201,6 +202,22 @@ def _decoder_stack(s: _Shapes, n_layers: int, rows: int, prefix: int, attn: bool
     return (n_layers - 1) * full + last
 
 
+def _visionzip_flops(s: _Shapes, config: LlavaMiniConfig, v: VisionZip) -> int:
+    """VisionZip's own matmuls per image: the [CLS] attention row (recomputed from the layer's
+    queries and keys), the merged tokens' similarity to the targets, and their averaging."""
+    n = config.num_patches + 1
+    merged = n - v.dominant - v.contextual
+    head_dim = s.dv // config.vision["num_attention_heads"]
+    return 2 * n * s.dv + 2 * merged * v.contextual * head_dim + 2 * v.contextual * merged * s.dv
+
+
+def _fastv_readout_flops(s: _Shapes, rows: int, attn: bool) -> int:
+    """FastV's read-out in layer K - 1: the last row's query, every row's key (recomputed from the
+    layer's input) and, with attention counted, the one score row."""
+    linear = 2 * s.d * s.heads * s.head_dim + 2 * s.d * s.kv_heads * s.head_dim * rows
+    return linear + (2 * s.heads * s.head_dim * rows if attn else 0)
+
+
 def _vision_flops(s: _Shapes, config: LlavaMiniConfig, crops: int, attn: bool) -> int:
     np_ = config.num_patches
     n = np_ + 1  # with CLS
@@ -329,6 +346,7 @@ def count_flops(
     lm_head: str | None = None,
     encode_calls: int = 1,
     dtype="bf16",
+    reduction: FastV | VisionZip | None = None,
 ) -> Cost:
     """Count FLOPs (and minimal bytes) per stage of one forward workload.
 
@@ -357,6 +375,13 @@ def count_flops(
             model makes one per ``embed_vision`` call: one per image batch, one per frame chunk).
         lm_head: ``"all"`` positions or ``"last"``; default all for ``paper``/``counted``, last for ``full``.
         dtype: the element size for the byte counts.
+        reduction: the baseline's token reduction (``model="baseline"`` only). ``VisionZip``: the
+            projector and LLM see its tokens; its [CLS] read-out and merge matmuls are added to
+            ``vision_encoder`` (not in ``paper``: they are not linear layers). ``FastV``: the first K
+            LLM layers see all tokens, the rest the kept ones (prefill and decode); its read-out in
+            layer K - 1 (the last query, every key recomputed from the layer input, the score row) is
+            added to ``llm_prefill`` (``paper``: its projections only). ``tokens["reduction_flops"]``
+            holds that added work.
 
     Returns:
         A :class:`Cost`.
@@ -390,6 +415,10 @@ def count_flops(
         raise ValueError("prune_last_layer/prefix_cached: pre-fusion savings apply to model='mini' only")
     if prefix_cached and convention == "paper":
         raise ValueError("prefix_cached: not part of the paper convention; use convention='full'")
+    if reduction is not None and model != "baseline":
+        raise ValueError("reduction: FastV and VisionZip apply to model='baseline' only")
+    if reduction is not None and not isinstance(reduction, (FastV, VisionZip)):
+        raise ValueError(f"reduction: expected None, a FastV or a VisionZip, got {reduction!r}")
     nbytes = _dtype_bytes(dtype)
 
     s = shapes(config)
@@ -401,7 +430,12 @@ def count_flops(
     images = batch * frames
     text_rows = prompt_len  # pre-fusion runs every prompt row; the placeholder's row is masked padding
     q = config.tokens_per_image if model == "mini" else np_
+    if isinstance(reduction, VisionZip):
+        q = reduction.tokens
     llm_tokens = prompt_len - 1 + frames * q  # per prompt
+    fastv = reduction if isinstance(reduction, FastV) else None
+    # FastV: layers from K on hold the kept tokens only
+    kept_tokens = prompt_len - 1 + frames * fastv.keep if fastv else llm_tokens
 
     flops = dict.fromkeys(STAGES, 0)
     byts = dict.fromkeys(STAGES, 0)
@@ -413,11 +447,14 @@ def count_flops(
     if run_vision:
         crops = images * crops_per_image
         flops["vision_encoder"] = _vision_flops(s, config, crops, attn)
+        if isinstance(reduction, VisionZip) and attn:
+            tokens["reduction_flops"] = crops * _visionzip_flops(s, config, reduction)
+            flops["vision_encoder"] += tokens["reduction_flops"]
         pix = crops * s.channels * config.crop_size ** 2
         byts["vision_encoder"] = nbytes * (params["vision_tower"] + pix + crops * np_ * s.dv)
 
     if model == "baseline":
-        proj_rows = images * np_
+        proj_rows = images * q  # 576, or VisionZip's tokens
     else:
         n_vis = np_ * (r * r + 1) if hd else np_  # crops' tiled tokens + the global view
         n_comp_in = np_ * r * r if hd else np_  # HD compresses the tiled crop tokens
@@ -449,26 +486,34 @@ def count_flops(
     if model == "baseline" and convention != "paper":
         vocab = (s.vocab // 64 + 1) * 64
         s = dataclasses.replace(s, vocab=vocab)
-    flops["llm_prefill"] = batch * _decoder_stack(s, s.layers, llm_tokens, 0, attn, mask_aware)
+    full_layers = fastv.layer if fastv else s.layers
+    flops["llm_prefill"] = batch * (_decoder_stack(s, full_layers, llm_tokens, 0, attn, mask_aware)
+                                    + _decoder_stack(s, s.layers - full_layers, kept_tokens, 0, attn, mask_aware))
+    if fastv:
+        tokens["reduction_flops"] = batch * _fastv_readout_flops(s, llm_tokens, attn)
+        flops["llm_prefill"] += tokens["reduction_flops"]
+        tokens["llm_kept"] = kept_tokens
     kv_row = 2 * s.kv_heads * s.head_dim
+    kv_rows = full_layers * llm_tokens + (s.layers - full_layers) * kept_tokens  # rows x layers of the cache
     # decoder layers + final norm (the embedding table is gathered, not streamed; lm_head apart)
     llm_weights = params["llm"] - s.vocab * s.d * (1 if s.tied else 2)
-    byts["llm_prefill"] = nbytes * (llm_weights + batch * llm_tokens * (s.d + s.layers * kv_row))
-    head_rows = llm_tokens if lm_head == "all" else 1
+    byts["llm_prefill"] = nbytes * (llm_weights + batch * (llm_tokens * s.d + kv_rows * kv_row))
+    head_rows = kept_tokens if lm_head == "all" else 1
     flops["lm_head"] = batch * 2 * head_rows * s.d * s.vocab
     byts["lm_head"] = nbytes * (s.vocab * s.d + batch * head_rows * s.d) + 4 * batch * head_rows * s.vocab
 
     # decode: new_tokens - 1 forwards of one token over a growing cache
     steps = []
     for t in range(max(new_tokens - 1, 0)):
-        ctx = llm_tokens + t + 1
-        step = _decoder_stack(s, s.layers, 1, ctx - 1, attn, mask_aware) + 2 * s.d * s.vocab
+        step = (_decoder_stack(s, full_layers, 1, llm_tokens + t, attn, mask_aware)
+                + _decoder_stack(s, s.layers - full_layers, 1, kept_tokens + t, attn, mask_aware) + 2 * s.d * s.vocab)
         steps.append(batch * step)
-        byts["decode"] += nbytes * (llm_weights + s.vocab * s.d + batch * (ctx * s.layers * kv_row + 2 * s.d)) + 4 * batch * s.vocab
+        cached = kv_rows + (t + 1) * s.layers
+        byts["decode"] += nbytes * (llm_weights + s.vocab * s.d + batch * (cached * kv_row + 2 * s.d)) + 4 * batch * s.vocab
     flops["decode"] = sum(steps)
     tokens["decode_forwards"] = len(steps)
 
-    workload = dict(config=config.name, batch=batch, frames=frames, hd=bool(hd), prompt_len=prompt_len,
+    workload = dict(config=config.name, reduction=repr(reduction) if reduction else None, batch=batch, frames=frames, hd=bool(hd), prompt_len=prompt_len,
                     new_tokens=new_tokens, compressor_form=compressor_form, prune_last_layer=prune_last_layer,
                     prefix_cached=prefix_cached, prefix_split=prefix_split, lm_head=lm_head, dtype=str(dtype).removeprefix("torch."))
     return Cost(model=model, convention=convention, flops=flops, bytes=byts, decode_steps=steps,

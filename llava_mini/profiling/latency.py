@@ -97,9 +97,12 @@ def language_model(model):
 
 
 def run_llm(model, prompt, use_cache: bool = False):
-    """The LLM prefill of a LlavaMini or LlavaBaseline on an ``LLMInput`` (last position's logits)."""
-    return language_model(model)(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
-                                 position_ids=prompt.position_ids, logits_to_keep=1, use_cache=use_cache)
+    """The LLM prefill of a LlavaMini or LlavaBaseline on an ``LLMInput`` (last position's logits),
+    inside the baseline's reduction scope (where FastV prunes)."""
+    scope = model.reduction_scope(prompt) if hasattr(model, "reduction_scope") else contextlib.nullcontext()
+    with scope:
+        return language_model(model)(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+                                     position_ids=prompt.position_ids, logits_to_keep=1, use_cache=use_cache)
 
 
 @torch.no_grad()

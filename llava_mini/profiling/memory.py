@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from llava_mini.lmm.reduction import FastV, VisionZip
 from llava_mini.profiling.flops import _dtype_bytes, _nonneg_int, resolve_config, shapes, stage_params
 
 GiB = 1 << 30
@@ -44,19 +45,28 @@ def kv_bytes_per_token(config, dtype="fp16") -> int:
     return 2 * s.layers * s.kv_heads * s.head_dim * _dtype_bytes(dtype)
 
 
-def tokens_per_image(config, model: str = "mini") -> int:
-    """Context tokens one image (or video frame) costs the LLM: C^2 for LLaVA-Mini, 576 for the baseline."""
+def tokens_per_image(config, model: str = "mini", reduction: FastV | VisionZip | None = None) -> int:
+    """Tokens one image (or video frame) adds to the LLM's input: C^2 for LLaVA-Mini, 576 for the
+    baseline, VisionZip's budget under ``reduction`` (FastV's input is still 576: it prunes inside)."""
     config = resolve_config(config)
+    if reduction is not None and model != "baseline":
+        raise ValueError("reduction: FastV and VisionZip apply to model='baseline' only")
     if model == "mini":
         return config.tokens_per_image
     if model == "baseline":
-        return config.num_patches
+        return reduction.tokens if isinstance(reduction, VisionZip) else config.num_patches
     raise ValueError(f"model: expected 'mini' or 'baseline', got {model!r}")
 
 
-def kv_bytes_per_image(config, model: str = "mini", dtype="fp16") -> int:
-    """LLM KV-cache bytes one image or frame adds: tokens per image x KV bytes per token."""
-    return tokens_per_image(config, model) * kv_bytes_per_token(config, dtype)
+def kv_bytes_per_image(config, model: str = "mini", dtype="fp16", reduction: FastV | VisionZip | None = None) -> int:
+    """LLM KV-cache bytes one image or frame adds: its tokens x KV bytes per token; under FastV the
+    first K layers cache all 576 tokens and the others the kept ones."""
+    per_token = kv_bytes_per_token(config, dtype)
+    if isinstance(reduction, FastV):
+        layers = shapes(resolve_config(config)).layers
+        full = resolve_config(config).num_patches
+        return per_token // layers * (reduction.layer * full + (layers - reduction.layer) * reduction.keep)
+    return tokens_per_image(config, model, reduction) * per_token
 
 
 def weight_bytes(config, model: str = "mini", dtype="bf16") -> dict[str, int]:
@@ -172,7 +182,8 @@ class Plan:
 
 def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64, new_tokens: int = 32,
          model: str = "mini", chunk_frames: int | None = None, attn: str = "sdpa", margin: float = DEFAULT_MARGIN,
-         pixels_on_device: bool = False, keep_prefix_kv: bool = False) -> Plan:
+         pixels_on_device: bool = False, keep_prefix_kv: bool = False,
+         reduction: FastV | VisionZip | None = None) -> Plan:
     """Predict the most video frames one prompt can hold in ``vram_bytes``.
 
     Args:
@@ -189,6 +200,8 @@ def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64,
         pixels_on_device: all frames' pixels stay on the device (else streamed per chunk).
         keep_prefix_kv: every frame's pre-fusion prefix K/V is kept until its text is fused (else
             fused chunk by chunk and dropped).
+        reduction: the baseline's FastV or VisionZip (KV per frame as ``kv_bytes_per_image``; under
+            FastV the prefill's input and activations still hold all 576 tokens per frame).
 
     Returns:
         A :class:`Plan`; ``max_frames`` is 0 when the weights alone do not fit.
@@ -213,7 +226,8 @@ def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64,
     s = shapes(config)
     weights = weight_bytes(config, model, dtype)["total"]
     kv_tok = kv_bytes_per_token(config, dtype)
-    tpf = tokens_per_image(config, model)
+    tpf = tokens_per_image(config, model, reduction)
+    kv_frame = kv_bytes_per_image(config, model, dtype, reduction)
     act_tok = llm_activation_bytes_per_token(config, dtype)
     embeds_tok = 3 * s.d * b  # the fused rows, the concatenated prompt, the left-padded batch copy
     eager_quadratic = attn == "eager"
@@ -225,7 +239,7 @@ def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64,
     if keep_prefix_kv and model == "mini":
         rows = crops * config.num_patches + tpf + prompt_len
         kept += config.prefusion_layers * rows * 2 * s.kv_heads * s.head_dim * b
-    per_frame = tpf * (kv_tok + embeds_tok + act_tok) + kept
+    per_frame = kv_frame + tpf * (embeds_tok + act_tok) + kept
     fixed_tokens = prompt_len - 1 + new_tokens
     logits = 4 * s.vocab * 2  # the last position's logits (fp32) and a sampling copy
     fixed = fixed_tokens * (kv_tok + embeds_tok + act_tok) + logits
@@ -264,7 +278,7 @@ def plan(config, vram_bytes: int = 24 * GiB, dtype="bf16", prompt_len: int = 64,
     notes.append(f"margin {margin:.0%} of the budget held back; activations are a modelled upper estimate")
     return Plan(config=config.name, model=model, dtype=str(dtype).removeprefix("torch."), vram_bytes=int(vram_bytes),
                 margin=margin, prompt_len=prompt_len, new_tokens=new_tokens, chunk_frames=chunk_frames, attn=attn,
-                weights=weights, kv_per_token=kv_tok, kv_per_frame=tpf * kv_tok, tokens_per_frame=tpf,
+                weights=weights, kv_per_token=kv_tok, kv_per_frame=kv_frame, tokens_per_frame=tpf,
                 embeds_per_frame=tpf * embeds_tok, activation_per_frame=tpf * act_tok, kept_per_frame=kept,
                 encode_chunk_peak=enc_chunk, fixed=fixed, per_frame=per_frame, encode_per_frame=encode_per_frame,
                 budget=budget, max_frames=max_frames, bound_by=bound, notes=notes)

@@ -36,7 +36,8 @@ from llava_mini.profiling import memory as M
 from llava_mini.profiling import roofline as R
 from llava_mini.profiling.estimate import CONFIDENCE, format_estimate
 
-PLOTS = ("latency_vs_frames", "vram_vs_frames", "stage_breakdown", "roofline")
+PLOTS = ("latency_vs_frames", "vram_vs_frames", "stage_breakdown", "roofline")  # from analytic results alone
+MEASURED_PLOTS = ("methods",)  # only with ``llava-mini bench``'s measurements
 DISPERSION_LIMIT = 0.2  # an interval wider than 20% of its median is flagged
 SHARED_TOLERANCE = 0.05  # shared stages agree when their ratio's interval reaches into [1/1.05, 1.05]
 # a time of 1 us to ~3 hours; a ratio within 1000x; rates up to 1e7 per second
@@ -315,6 +316,7 @@ def _measured_section(results: dict) -> list[str]:
         out += [f"| {r['frames']} | {_cell(r['ms'], 'video')} |" for r in v["latency"]]
         out += ["", f"KV bytes per added frame: {slope['slope']:.0f} measured ({slope['method']}), "
                     f"{plan.get('kv_per_frame', '-')} planned.", ""]
+    out += _methods_section(m.get("methods"))
     summary = results.get("summary", {})
     if summary:
         out += ["### Headline (baseline time / LLaVA-Mini time)", ""]
@@ -326,6 +328,33 @@ def _measured_section(results: dict) -> list[str]:
             out.append(f"- **{key.replace('_', ' ')}**: {text}")
         out.append("")
     return out
+
+
+def _methods_section(methods: dict | None) -> list[str]:
+    """The methods table: cost per image of LLaVA-Mini, FastV, VisionZip and the 576-token baseline."""
+    if not methods:
+        return []
+    rows, batch, ref = methods["rows"], methods["batch"], methods["reference"]
+    out = [f"### The methods, against `{ref}` (576 tokens) in the same run", "",
+           f"Cost only: FastV (pruning after LLM layer {methods['fastv_layer']}) and VisionZip change what the "
+           "model answers, differently from LLaVA-Mini; accuracy needs real weights and benchmarks this "
+           "toolkit does not ship. Tokens held: per image in the LLM (FastV's first layers hold all 576; KV "
+           "tokens is the per-layer average). FLOPs: to the first token, per image, the method's own work "
+           f"included. Speedups: {ref} time / method time, paired; throughput at batch {batch}; frames: "
+           "the planner's count for one prompt in the budget.", "",
+           "| method | tokens held | KV tokens | FLOPs paper | FLOPs full | FLOPs counted | TTFT ms | TTFT speedup "
+           f"| prefill images/s (batch {batch}) | throughput speedup | decode tokens/s | KV per image | "
+           f"frames in {rows[0]['budget_bytes'] / M.GiB:.0f} GiB |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        f, name = r["prefill_flops_per_image"], r["method"]
+        out.append(f"| {name} | {r['tokens_held_per_image']} | {r['kv_tokens_per_image']:.4g} | "
+                   f"{_fmt_flops(f['paper'])} | {_fmt_flops(f['full'])} | {_fmt_flops(f['counted'])} | "
+                   f"{_cell(r['ttft_ms'], name)} | {_cell(r.get('ttft_speedup'), name)} | "
+                   f"{_cell(r.get('prefill_images_per_s'), name)} | {_cell(r.get('prefill_speedup'), name)} | "
+                   f"{_cell(r['decode']['tokens_per_s'], name)} | {M.format_bytes(r['kv_bytes_per_image'])} | "
+                   f"{r['frames_in_budget']:,} |")
+    return out + [""]
 
 
 def _estimates(tree, path: str = ""):
@@ -496,6 +525,39 @@ def _roofline_plot(results, path):
     return _save(fig, path)
 
 
+def _methods_plot(results, path):
+    """Two panels against the tokens per image: prefill FLOPs (``full``, exact) and the paired time-to-
+    first-token speedup over the 576-token baseline (the figure the machine's load cancels in)."""
+    methods = results.get("measured", {}).get("methods")
+    if not methods:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    families = {"llava-1.5": ("LLaVA-1.5 (576)", "s"), "fastv": ("FastV", "o"), "visionzip": ("VisionZip", "^"),
+                "llava-mini": ("LLaVA-Mini", "*")}
+    for key, (label, marker) in families.items():
+        rows = [r for r in methods["rows"] if r["method"].startswith(key)]
+        if not rows:
+            continue
+        style = dict(marker=marker, linestyle="-" if len(rows) > 1 else "none", label=label)
+        xs = [r["tokens_held_per_image"] for r in rows]
+        axes[0].plot(xs, [r["prefill_flops_per_image"]["full"] / 1e9 for r in rows], **style)
+        speedups = [r.get("ttft_speedup") or {"median": 1.0, "low": 1.0, "high": 1.0} for r in rows]
+        axes[1].errorbar(xs, [e["median"] for e in speedups],
+                         yerr=[[e["median"] - e["low"] for e in speedups], [e["high"] - e["median"] for e in speedups]],
+                         capsize=3, **style)
+    axes[0].set_ylabel("prefill GFLOPs per image (full convention)")
+    axes[1].set_ylabel(f"time to first token: {methods['reference']} / method (paired, 95%)")
+    device = results.get("env", {}).get("device", "")
+    for ax, title in zip(axes, ("FLOPs", f"measured ({device})")):
+        ax.set_xscale("log")
+        ax.set_xlabel("vision tokens the LLM holds per image (FastV: after its layer K)")
+        ax.set_title(f"{title} vs tokens per image", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, path)
+
+
 def render_plots(results: dict, out_dir) -> dict[str, Path]:
     """Write the PNG plots that the results have data for; returns ``{plot name: path}``."""
     _check(results)
@@ -508,6 +570,7 @@ def render_plots(results: dict, out_dir) -> dict[str, Path]:
                                        budget=results.get("budget_bytes")),
         "stage_breakdown": _breakdown_plot(results, out_dir / "stage_breakdown.png"),
         "roofline": _roofline_plot(results, out_dir / "roofline.png"),
+        "methods": _methods_plot(results, out_dir / "methods_ttft.png"),
     }
     return {k: v for k, v in made.items() if v is not None}
 
