@@ -100,6 +100,17 @@ def test_fastv_drops_tokens_from_the_cache_of_the_later_layers_only(images):
     assert cache.get_seq_length(1) == full - (model.config.num_patches - 10)
 
 
+def test_fastv_refuses_a_static_cache(images):
+    from transformers import GenerationConfig
+
+    model = LlavaBaseline.from_preset("tiny", dtype=torch.float32, reduction="fastv", tokens=10, fastv_layer=1)
+    with pytest.raises(ValueError, match="cache_implementation: FastV .* dynamic cache; got 'static'"):
+        model.generate(images, PROMPTS, max_new_tokens=2, cache_implementation="static")
+    with pytest.raises(ValueError, match="cache_implementation"):
+        model.generate(images, PROMPTS, generation_config=GenerationConfig(max_new_tokens=2, cache_implementation="static"))
+    assert model.generate(images, PROMPTS, max_new_tokens=1, cache_implementation="dynamic").shape == (2, 1)
+
+
 def test_fastv_keeping_every_token_is_the_unreduced_model(images):
     torch.manual_seed(0)
     plain = LlavaBaseline.from_preset("tiny", dtype=torch.float32)

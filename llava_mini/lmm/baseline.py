@@ -176,6 +176,11 @@ class LlavaBaseline(nn.Module):
                  generation_config: GenerationConfig | None = None, backend: str | None = None, **generate_kwargs):
         """Encode, then decode through the same path as ``LlavaMini.generate`` (same options, same
         ``GenerationConfig`` handling; defaults from ``self.model.generation_config``): new tokens [B, n]."""
+        if self.fastv is not None:
+            cache = generate_kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
+            if cache not in (None, "dynamic"):  # a fixed-size cache cannot hold layers of different lengths
+                raise ValueError(f"cache_implementation: FastV keeps fewer positions in its later layers' cache and "
+                                 f"needs transformers' dynamic cache; got {cache!r}")
         with self.backend_scope(backend) as name:
             prompt = self.encode(images, input_ids, attention_mask=attention_mask, backend=name)
             with self.reduction_scope(prompt):
