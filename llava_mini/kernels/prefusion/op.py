@@ -1,8 +1,11 @@
 """The public pre-fusion attention op: input checks, the ``torch.library`` custom op, its FLOP formula.
 
-``torch.ops.llava_mini.prefusion_attention`` has a fake implementation (``torch.compile`` traces it)
-and a FLOP formula that counts only the (query, key) pairs the causal mask leaves visible, so
-``FlopCounterMode`` reports the work actually done.
+``torch.ops.llava_mini.prefusion_attention`` returns the output and each row's log-sum-exp; its
+autograd formula is ``torch.ops.llava_mini.prefusion_attention_backward`` (two Triton kernels that
+recompute the probabilities from that log-sum-exp, ``backward.py``). Both ops have fake
+implementations (``torch.compile`` traces them) and FLOP formulas that count only the (query, key)
+pairs the causal mask leaves visible, so ``FlopCounterMode`` reports the work actually done,
+forward and backward.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import math
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from llava_mini.kernels.prefusion.backward import prefusion_attention_backward_triton
 from llava_mini.kernels.prefusion.ref import prefusion_attention_ref
-from llava_mini.kernels.prefusion.triton import prefusion_attention_triton
+from llava_mini.kernels.prefusion.triton import lse_shape, prefusion_attention_triton
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PREFUSION_BACKENDS = ("triton", "torch", "flash_attn")
@@ -30,16 +34,64 @@ def _prefusion_attention_op(
     max_seqlen_q: int,
     causal: bool,
     scale: float,
-) -> torch.Tensor:
-    return prefusion_attention_triton(
+) -> tuple[torch.Tensor, torch.Tensor]:
+    lse = q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+    out = prefusion_attention_triton(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, scale=scale,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, scale=scale, lse=lse,
     )
+    return out, lse
 
 
 @_prefusion_attention_op.register_fake
 def _(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale):
-    return q.new_empty(q.shape)
+    return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+
+
+@torch.library.custom_op("llava_mini::prefusion_attention_backward", mutates_args=())
+def _prefusion_attention_backward_op(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_q: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return prefusion_attention_backward_triton(
+        grad_out, q, k, v, out, lse, causal=causal, key_padding_mask=key_padding_mask, cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, scale=scale,
+    )
+
+
+@_prefusion_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
+    ctx.max_seqlen_q, ctx.causal, ctx.scale = max_seqlen_q, causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _prefusion_attention_backward_op(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q,
+                                                  cu_seqlens_k, ctx.max_seqlen_q, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_prefusion_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def causal_pairs(q_len: int, k_len: int) -> int:
@@ -52,22 +104,37 @@ def causal_pairs(q_len: int, k_len: int) -> int:
     return k_len * (k_len + 1) // 2 - hidden * (hidden + 1) // 2
 
 
-@register_flop_formula(torch.ops.llava_mini.prefusion_attention, get_raw=True)
-def _prefusion_attention_flops(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale,
-                               out_val=None, **kwargs) -> int:
-    """2 FLOPs per multiply-add in QK^T and in PV: 4 * d * heads per computed (query, key) pair.
+def _computed_pairs(q, k, cu_seqlens_q, cu_seqlens_k, causal) -> int:
+    """(query, key) pairs the kernels compute, per head: every pair a causal mask leaves visible.
 
-    Key-padding-masked keys are computed (then discarded) by the kernel, so they count; causally
-    hidden pairs are skipped, so they do not. Packed inputs read ``cu_seqlens`` (real tensors only).
+    Key-padding-masked keys are computed (then discarded), so they count; causally hidden pairs are
+    skipped, so they do not. Packed inputs read ``cu_seqlens`` (real tensors only).
     """
-    heads, head_dim = q.shape[-2], q.shape[-1]
     if cu_seqlens_q is not None:
         lengths_q = torch.diff(cu_seqlens_q).tolist()
         lengths_k = torch.diff(cu_seqlens_k).tolist()
     else:
         lengths_q, lengths_k = [q.shape[1]] * q.shape[0], [k.shape[1]] * k.shape[0]
-    pairs = sum(causal_pairs(lq, lk) if causal else lq * lk for lq, lk in zip(lengths_q, lengths_k))
-    return 4 * head_dim * heads * pairs
+    return sum(causal_pairs(lq, lk) if causal else lq * lk for lq, lk in zip(lengths_q, lengths_k))
+
+
+@register_flop_formula(torch.ops.llava_mini.prefusion_attention, get_raw=True)
+def _prefusion_attention_flops(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, causal, scale,
+                               out_val=None, **kwargs) -> int:
+    """2 FLOPs per multiply-add in QK^T and in PV: 4 * d * heads per computed (query, key) pair."""
+    return 4 * q.shape[-1] * q.shape[-2] * _computed_pairs(q, k, cu_seqlens_q, cu_seqlens_k, causal)
+
+
+@register_flop_formula(torch.ops.llava_mini.prefusion_attention_backward, get_raw=True)
+def _prefusion_attention_backward_flops(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                                        max_seqlen_q, causal, scale, out_val=None, **kwargs) -> int:
+    """The backward's seven matmuls per computed pair, 2 FLOPs per multiply-add: 14 * d * heads per pair.
+
+    The dK/dV kernel recomputes QK^T and runs P^T dO, dO V^T and dS^T Q; the dQ kernel recomputes
+    QK^T and dO V^T and runs dS K (flash-attention-2 runs five by keeping dS for dQ; this pays two
+    recomputations to need no atomics). 3.5x the forward's count.
+    """
+    return 14 * q.shape[-1] * q.shape[-2] * _computed_pairs(q, k, cu_seqlens_q, cu_seqlens_k, causal)
 
 
 def _check_inputs(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k):
@@ -163,14 +230,18 @@ def prefusion_attention(
 
     Returns:
         A tensor shaped like ``q``, in ``q``'s dtype; query rows that see no key are zeros.
+        Differentiable in q, k and v on every backend: ``"triton"`` runs the fused backward
+        kernels (the forward keeps only each row's log-sum-exp, O(L) memory); their gradient
+        for a row that sees no key is zero.
     """
     _check_inputs(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if cu_seqlens_q is not None and max_seqlen_q is None:
         max_seqlen_q = int(torch.diff(cu_seqlens_q).max())
     if backend == "triton":
-        return _prefusion_attention_op(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
-                                       max_seqlen_q or 0, causal, scale)
+        out, _ = _prefusion_attention_op(q, k, v, key_padding_mask, cu_seqlens_q, cu_seqlens_k,
+                                         max_seqlen_q or 0, causal, scale)
+        return out
     if backend == "torch":
         return prefusion_attention_ref(q, k, v, causal=causal, key_padding_mask=key_padding_mask,
                                        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, scale=scale)

@@ -89,16 +89,16 @@ def _attend_tiles(
 
 @triton.jit
 def _prefusion_attention_kernel(
-    Q, K, V, Out, Keep, CuSeqlensQ, CuSeqlensK,
+    Q, K, V, Out, Keep, CuSeqlensQ, CuSeqlensK, Lse,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
-    stride_keep_b, stride_keep_n,
+    stride_keep_b, stride_keep_n, stride_lse_b, stride_lse_h, stride_lse_m,
     seqlen_q, seqlen_k, num_heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_SIZE: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_LSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Heaviest causal tiles (the last queries) first: shorter tail when the grid does not fit in one wave.
     tile_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -117,6 +117,7 @@ def _prefusion_attention_kernel(
         o_base = q_start * stride_om
         k_base = k_start * stride_kn
         v_base = k_start * stride_vn
+        lse_base = q_start * stride_lse_m
     else:
         q_len = seqlen_q
         k_len = seqlen_k
@@ -124,6 +125,7 @@ def _prefusion_attention_kernel(
         o_base = batch * stride_ob
         k_base = batch * stride_kb
         v_base = batch * stride_vb
+        lse_base = batch * stride_lse_b
     if tile_m * BLOCK_M >= q_len:
         return  # the grid covers the longest sequence of the batch
 
@@ -172,6 +174,11 @@ def _prefusion_attention_kernel(
     out = acc / tl.where(row_sum > 0.0, row_sum, 1.0)[:, None]
     o_ptrs = Out + o_base + head * stride_oh + row_offsets[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    if STORE_LSE:
+        # The row's log2-sum-exp2 of its scaled scores, for the backward; +inf where no key was seen,
+        # so the backward's exp2(score - lse) is 0 there.
+        lse = tl.where(row_sum > 0.0, row_max + tl.log2(tl.where(row_sum > 0.0, row_sum, 1.0)), float("inf"))
+        tl.store(Lse + lse_base + head * stride_lse_h + row_offsets * stride_lse_m, lse, mask=row_mask)
 
 
 def block_d_for(head_dim: int) -> int:
@@ -240,7 +247,7 @@ def _prune_configs(configs, named_args, **kwargs):
     return [c for c in configs if c in kept]
 
 
-_AUTOTUNE_KEY = ["HEAD_DIM", "BLOCK_D", "CAUSAL", "HAS_KEEP", "VARLEN", "GROUP_SIZE"]
+_AUTOTUNE_KEY = ["HEAD_DIM", "BLOCK_D", "CAUSAL", "HAS_KEEP", "VARLEN", "GROUP_SIZE", "STORE_LSE"]
 _half_kernel = triton.autotune(HALF_CONFIGS, key=_AUTOTUNE_KEY,
                                prune_configs_by={"early_config_prune": _prune_configs})(_prefusion_attention_kernel)
 _fp32_kernel = triton.autotune(FP32_CONFIGS, key=_AUTOTUNE_KEY,
@@ -278,12 +285,16 @@ def prefusion_attention_triton(
     max_seqlen_q: int | None = None,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel on already-validated inputs (see ``op.prefusion_attention`` for the contract).
 
     Padded layout: q [B, Lq, H, d], k/v [B, Lk, Hkv, d]. Packed layout: q [total_q, H, d],
     k/v [total_k, Hkv, d] with int32 ``cu_seqlens_q/k`` [B + 1] and ``max_seqlen_q``.
     Any strides. ``out`` (shaped like q, any strides) is written in full when given.
+    ``lse`` (float32 ``[B, H, Lq]``, packed ``[H, total_q]``; see ``lse_shape``), when given, receives
+    each row's log2-sum-exp2 of its scores times ``scale * log2(e)`` (+inf for rows that see no key),
+    what the backward recomputes the probabilities from.
 
     A head_dim that is not a multiple of 16 (72, say) leaves rows off 16-element boundaries, and the
     kernel's loads would go one element at a time: q, k and v are then copied into rows zero-padded
@@ -299,14 +310,21 @@ def prefusion_attention_triton(
         q, k, v = (_zero_padded(t, width) for t in (q, k, v))
         padded_out = q.new_empty(q.shape)
         _launch_in_slices(q, k, v, padded_out, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                          scale)
+                          scale, lse)
         out.copy_(padded_out[..., :head_dim])
     else:
-        _launch_in_slices(q, k, v, out, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale)
+        _launch_in_slices(q, k, v, out, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale,
+                          lse)
     return out
 
 
-def _launch_in_slices(q, k, v, out, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale):
+def lse_shape(q: torch.Tensor, varlen: bool) -> tuple[int, ...]:
+    """The shape of the forward's saved log-sum-exp: ``[B, H, Lq]``, or ``[H, total_q]`` when packed."""
+    return (q.shape[-2], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _launch_in_slices(q, k, v, out, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale,
+                      lse=None):
     """Launch over slices of the batch: the grid's second axis holds batch x heads, at most MAX_GRID_Y."""
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
@@ -314,14 +332,15 @@ def _launch_in_slices(q, k, v, out, causal, key_padding_mask, cu_seqlens_q, cu_s
     for start in range(0, batch, step):
         if varlen:  # packed rows stay where they are: slicing cu_seqlens picks the sequences
             part = slice(start, start + step + 1)
-            _launch(q, k, v, out, causal, None, cu_seqlens_q[part], cu_seqlens_k[part], max_seqlen_q, scale)
+            _launch(q, k, v, out, causal, None, cu_seqlens_q[part], cu_seqlens_k[part], max_seqlen_q, scale, lse)
         else:
             part = slice(start, start + step)
             mask = None if key_padding_mask is None else key_padding_mask[part]
-            _launch(q[part], k[part], v[part], out[part], causal, mask, None, None, None, scale)
+            _launch(q[part], k[part], v[part], out[part], causal, mask, None, None, None, scale,
+                    None if lse is None else lse[part])
 
 
-def _launch(q, k, v, out, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale):
+def _launch(q, k, v, out, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, lse=None):
     varlen = cu_seqlens_q is not None
     if varlen:
         # View packed tensors as one "batch" row of the padded layout: only strides 1..3 are read.
@@ -341,13 +360,17 @@ def _launch(q, k, v, out, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, 
         keep, keep_strides = q, (0, 0)  # never read (HAS_KEEP=False)
     cu_q = cu_seqlens_q if varlen else q  # never read when VARLEN=False
     cu_k = cu_seqlens_k if varlen else q
+    if lse is None:
+        lse_arg, lse_strides = q, (0, 0, 0)  # never written (STORE_LSE=False)
+    else:  # packed [H, total]: the batch stride is unused, the row stride is the last
+        lse_arg, lse_strides = lse, ((0, *lse.stride()) if varlen else lse.stride())
 
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)
 
     autotuned_kernel(q.dtype)[grid](
-        q4, k4, v4, o4, keep, cu_q, cu_k,
-        *q4.stride(), *k4.stride(), *v4.stride(), *o4.stride(), *keep_strides,
+        q4, k4, v4, o4, keep, cu_q, cu_k, lse_arg,
+        *q4.stride(), *k4.stride(), *v4.stride(), *o4.stride(), *keep_strides, *lse_strides,
         seqlen_q, seqlen_k, heads, scale * _LOG2E,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d_for(head_dim),
@@ -356,4 +379,5 @@ def _launch(q, k, v, out, causal, key_padding_mask, cu_seqlens_q, cu_seqlens_k, 
         HAS_KEEP=key_padding_mask is not None,
         VARLEN=varlen,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        STORE_LSE=lse is not None,
     )
