@@ -19,7 +19,9 @@ token counts it assumed. Three conventions:
     What ``torch.utils.flop_counter.FlopCounterMode`` reports for the reference (eager) model:
     attention matmuls dense (eager and SDPA compute every pair; the causal mask is applied after
     the matmul), the compressor in its projected reference form with the query projection once
-    per call, conv/linear/matmul only.
+    per call, conv/linear/matmul only. Rotary tables are left out, as in the other conventions
+    (transformers 5.16 builds them with a small matmul the counter sees, 5.19 on with a broadcast
+    multiply it does not; the tests remove what the counter puts on the rotary modules).
 
 Token bookkeeping (``prompt_len`` = L tokens of one prompt, holding one ``<image>`` placeholder):
 the LLM receives ``L - 1 + frames * C^2`` tokens (baseline: ``L - 1 + frames * 576``); the
