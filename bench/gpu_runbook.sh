@@ -4,6 +4,8 @@
 #   bash bench/gpu_runbook.sh kernels    # compressor + attention kernel sweeps (JSON under bench/results/<gpu>/)
 #   bash bench/gpu_runbook.sh resampler  # FusedResampler vs Qwen-VL / MiniCPM-V 2.6 resamplers at their real shapes
 #   bash bench/gpu_runbook.sh stages     # pre-fusion savings, video loop vs batched
+#   bash bench/gpu_runbook.sh training   # one training step (forward + backward + AdamW), triton vs torch
+#                                        #   backend, Vicuna-7B shapes with 4 LLM layers, bf16, batch 8; time, peak memory
 #   bash bench/gpu_runbook.sh main       # llava-mini bench: the report against the 576-token baseline
 #                                        #   (both 7B models loaded at once; ~8 s per comparison, 24 s headline)
 #   bash bench/gpu_runbook.sh methods    # the bench with its methods table at the real shapes (Vicuna-7B, bf16; batches 1/16, 1 frame):
@@ -27,6 +29,7 @@ case "${1:-}" in
   kernels) python bench/test_bench_compress.py && python bench/test_bench_prefusion.py ;;
   resampler) python bench/test_bench_resampler.py ;;
   stages)  python bench/test_bench_stages.py ;;
+  training) python bench/test_bench_training.py ;;
   main)    python -m llava_mini.cli bench ;;
   methods) python -m llava_mini.cli bench --methods 64 128 192 --batches 1 16 --frames 1 --no-progress \
              --out "bench/results/$(python -c 'from llava_mini.profiling.results import device_slug; from llava_mini.profiling.ceilings import device_name; print(device_slug(device_name()))')/methods" ;;
@@ -34,5 +37,5 @@ case "${1:-}" in
              > "bench/results/$(python -c 'from llava_mini.profiling.results import device_slug; from llava_mini.profiling.ceilings import device_name; print(device_slug(device_name()))')/budget.json" ;;
   video)   python bench/test_bench_video.py ;;
   serving) python -m llava_mini.cli bench --engine vllm ;;
-  *) echo "usage: bash bench/gpu_runbook.sh tests|kernels|resampler|stages|main|methods|budget|video|serving" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_runbook.sh tests|kernels|resampler|stages|training|main|methods|budget|video|serving" >&2; exit 2 ;;
 esac

@@ -9,6 +9,7 @@ from typing import Any
 from transformers import CLIPVisionConfig, LlamaConfig
 
 IMAGE_TOKEN_INDEX = -200  # the released code's `<image>` placeholder id
+IGNORE_INDEX = -100  # labels where no loss is taken (the released code's, and transformers' cross-entropy default)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TEMPLATES = ("vicuna_v1", "llama_3_1", "plain")

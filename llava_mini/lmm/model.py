@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers import CLIPVisionModel, GenerationConfig, LlamaForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from llava_mini.kernels import backend as backends
 from llava_mini.lmm import processing
 from llava_mini.lmm.compressor import Resampler
-from llava_mini.lmm.config import IMAGE_TOKEN_INDEX, LlavaMiniConfig
+from llava_mini.lmm.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LlavaMiniConfig
 from llava_mini.lmm.generation import LLMInput, generate
 from llava_mini.lmm.prefusion import PreFusion, Prefix
 from llava_mini.lmm.video import VideoFrames, available_memory, open_video
@@ -305,6 +309,15 @@ class LlavaMiniEncoder(nn.Module):
         With an image or video: the fused text before ``<image>``, the vision tokens, the fused text
         after it, cut to ``tokenizer_model_max_length`` (as released); text only: plain embeddings.
         """
+        return self.truncate(self.uncut_rows(images, input_ids, prompts=prompts, videos=videos, prefix=prefix,
+                                             attention_mask=attention_mask, fps=fps, max_frames=max_frames,
+                                             backend=backend))
+
+    def uncut_rows(self, images=None, input_ids=None, *, prompts=None, videos=None, prefix: Prefix | None = None,
+                   attention_mask=None, fps: float = 1.0, max_frames: int | None = None,
+                   backend: str | None = None) -> list[torch.Tensor]:
+        """``llm_rows`` before the ``tokenizer_model_max_length`` cut, under the caller's grad mode
+        (``forward`` trains through it)."""
         sources = [s is not None for s in (images, videos, prefix)]
         if sum(sources) > 1:
             raise ValueError("give at most one of images=, videos=, prefix=")
@@ -338,8 +351,7 @@ class LlavaMiniEncoder(nn.Module):
                 else:
                     fused = zip(*self.fuse_reference(vision, compressed, ids))
             image_pos = [self.image_position(r, i) for i, r in enumerate(ids)]
-            return self.truncate([torch.cat([text[:p], vis, text[p + 1:len(r)]])
-                                  for (vis, text), p, r in zip(fused, image_pos, ids)])
+            return [torch.cat([text[:p], vis, text[p + 1:len(r)]]) for (vis, text), p, r in zip(fused, image_pos, ids)]
 
     def truncate(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each prompt's LLM input cut to ``config.tokenizer_model_max_length`` positions (as released);
@@ -472,6 +484,129 @@ class LlavaMini(LlavaMiniEncoder):
         from llava_mini.lmm.checkpoint import save_pretrained
 
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes, dtype=dtype)
+
+    # --- training ------------------------------------------------------------------------------------
+    def forward(self, images=None, input_ids=None, labels=None, videos=None, attention_mask=None, *,
+                prefix: Prefix | None = None, fps: float = 1.0, max_frames: int | None = None,
+                backend: str | None = None, **llm_kwargs) -> CausalLMOutputWithPast:
+        """A training (or scoring) forward pass, as the released code computes it: transformers'
+        ``CausalLMOutputWithPast`` with ``logits`` [B, T, V] over the LLM input and, given ``labels``,
+        ``loss``.
+
+        Inputs as for ``encode`` (``input_ids``: ids, lists or a tensor [B, L]; ``attention_mask``
+        marks the real tokens of a padded tensor). ``labels`` is shaped like ``input_ids`` (the same
+        mask applies), ``IGNORE_INDEX`` (-100) where no loss is taken. As in the released
+        ``prepare_inputs_labels_for_multimodal``: each prompt's labels are expanded over its vision
+        tokens with ``IGNORE_INDEX`` (the ``<image>`` position itself is replaced), embeddings and
+        labels are cut together to ``tokenizer_model_max_length``, and the ragged batch is padded on
+        the right (embeddings zero, labels ``IGNORE_INDEX``, attention mask 0, positions 0..T_i-1 per
+        row). The loss is the LLM's: logits shifted by one against the labels, cross-entropy in fp32,
+        mean over the kept positions; labels with no kept position give a NaN loss, as released.
+
+        Savings in training: ``prefix_split`` and ``prune_last_layer`` are plain differentiable
+        tensor operations, so they stay on and exact under autograd (tests check every gradient
+        against the released all-rows computation). Runs under the caller's grad mode; extra keyword
+        arguments go to the LLM (``use_cache`` defaults to False here).
+        """
+        if labels is not None and input_ids is None:
+            raise ValueError("labels: need input_ids= (labels are shaped like input_ids)")
+        with self.backend_scope(backend) as name:
+            rows = self.uncut_rows(images, input_ids, videos=videos, prefix=prefix, attention_mask=attention_mask,
+                                   fps=fps, max_frames=max_frames, backend=name)
+            targets = None
+            if labels is not None:
+                multimodal = any(x is not None for x in (images, videos, prefix))
+                targets = self.expand_labels(input_ids, labels, attention_mask, rows, multimodal)
+            limit = self.config.tokenizer_model_max_length
+            if limit is not None:  # the released cut: embeddings and labels together
+                rows = [r[:limit] for r in rows]
+                targets = None if targets is None else [t[:limit] for t in targets]
+            embeds, mask, positions, padded_labels = self.right_pad(rows, targets)
+            self.check_context_length(embeds.shape[1])
+            llm_kwargs.setdefault("use_cache", False)
+            return self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, labels=padded_labels,
+                            **llm_kwargs)
+
+    def expand_labels(self, input_ids, labels, attention_mask, rows: list[torch.Tensor],
+                      multimodal: bool) -> list[torch.Tensor]:
+        """Each prompt's labels with its ``<image>`` position replaced by IGNORE_INDEX over its vision tokens."""
+        ids = self.prompt_ids(input_ids, None, attention_mask)
+        if isinstance(labels, torch.Tensor) and isinstance(input_ids, torch.Tensor) and labels.shape != input_ids.shape:
+            raise ValueError(f"labels: expected the shape of input_ids {list(input_ids.shape)}, got {list(labels.shape)}")
+        try:
+            lab = processing.as_id_lists(labels, attention_mask)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"labels: expected ids shaped like input_ids ({error})") from None
+        if len(lab) != len(ids) or any(len(a) != len(b) for a, b in zip(lab, ids)):
+            raise ValueError(f"labels: expected the shape of input_ids (row lengths {[len(r) for r in ids]}), "
+                             f"got row lengths {[len(r) for r in lab]}")
+        lab = self.broadcast(lab, len(rows), "labels")
+        ids = self.broadcast(ids, len(rows), "labels")
+        out = []
+        for row, r, lb in zip(rows, ids, lab):
+            if multimodal:
+                p, vision = self.image_position(r, 0), row.shape[0] - (len(r) - 1)
+                lb = lb[:p] + [IGNORE_INDEX] * vision + lb[p + 1:]
+            out.append(torch.tensor(lb, dtype=torch.long, device=row.device))
+        return out
+
+    @staticmethod
+    def right_pad(rows: list[torch.Tensor], labels: list[torch.Tensor] | None):
+        """The released training batch: rows padded on the right -> (embeds, mask, positions, labels)."""
+        longest = max(r.shape[0] for r in rows)
+        first = rows[0]
+        embeds = torch.stack([torch.cat([r, r.new_zeros(longest - r.shape[0], r.shape[1])]) for r in rows])
+        mask = torch.zeros(len(rows), longest, dtype=torch.long, device=first.device)
+        positions = torch.zeros(len(rows), longest, dtype=torch.long, device=first.device)
+        padded = None if labels is None else torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long,
+                                                         device=first.device)
+        for i, r in enumerate(rows):
+            mask[i, :r.shape[0]] = 1
+            positions[i, :r.shape[0]] = torch.arange(r.shape[0], device=first.device)
+            if padded is not None:
+                padded[i, :r.shape[0]] = labels[i]
+        return embeds, mask, positions, padded
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute activations in the backward instead of keeping them: the LLM's and CLIP's
+        decoder layers (transformers' own switch) and the pre-fusion layers (``PreFusion``
+        checkpoints each layer itself, keeping its prefix keys/values). Non-reentrant by default;
+        the recompute runs on the backend the forward ran on. Applies in training mode
+        (``model.train()``), as in transformers."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        checkpoint = functools.partial(self.checkpoint_on_backend, kwargs=kwargs)
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for module in (*self.llm.modules(), *self.vision_tower.modules()):
+            if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+                module._gradient_checkpointing_func = checkpoint
+        self.prefusion.checkpoint = checkpoint
+
+    def checkpoint_on_backend(self, function, *args, kwargs: dict):
+        """torch.utils.checkpoint of ``function``, its backward recompute on the forward's backend
+        (``backend_scope`` has ended by then, and the attention implementation with it)."""
+        name = backends.get_backend()
+        configs = (self.text_config, self.vision_tower.config)
+        impls = [c._attn_implementation for c in configs]
+
+        def on_forward_backend(*inputs):
+            previous = [c._attn_implementation for c in configs]
+            for c, impl in zip(configs, impls):
+                c._attn_implementation = impl
+            try:
+                with backends.use_backend(name):
+                    return function(*inputs)
+            finally:
+                for c, impl in zip(configs, previous):
+                    c._attn_implementation = impl
+
+        return torch.utils.checkpoint.checkpoint(on_forward_backend, *args, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Undo ``gradient_checkpointing_enable``."""
+        self.llm.gradient_checkpointing_disable()
+        self.vision_tower.gradient_checkpointing_disable()
+        self.prefusion.checkpoint = None
 
     # --- generate ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -13,6 +13,7 @@ Causal attention means the vision and compressed rows never see the text. Two ex
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -98,14 +99,21 @@ class PreFusion(nn.Module):
         self.config = config
         self.layers = nn.ModuleList([LlamaDecoderLayer(config, layer_idx=i) for i in range(num_layers)])
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        # Gradient checkpointing (``LlavaMini.gradient_checkpointing_enable``): a function
+        # checkpoint(fn, x) -> fn(x) recomputed in the backward, or None. Done here, not by
+        # transformers' layer switch, which would drop the KV recorder the prefix split needs.
+        self.checkpoint = None
 
     def run_layers(self, x, position_ids, key_valid, layers, past: KVRecorder | None = None):
         """Run ``layers`` over rows ``x`` [B, Lq, d] whose keys are [past prefix ; x] (validity ``key_valid``)."""
         mask = attention_mask_for(self.config._attn_implementation, key_valid, x.shape[1], x.dtype)
         pos_emb = self.rotary_emb(x, position_ids)
+        checkpointing = self.checkpoint is not None and self.training and torch.is_grad_enabled()
         for layer in layers:
-            x = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb,
-                      **{CACHE_KWARG: past})
+            call = functools.partial(layer, attention_mask=mask, position_ids=position_ids,
+                                     position_embeddings=pos_emb, **{CACHE_KWARG: past})
+            # the recompute calls the recorder again with the same keys/values: same result
+            x = self.checkpoint(call, x) if checkpointing else call(x)
         return x
 
     def project_kv(self, layer, x, position_ids):
