@@ -106,8 +106,8 @@ def float64_copy(model):
 
 def close(got, want, rtol):
     # the floor: gradients that are zero in exact arithmetic (CLIP's key bias: softmax ignores a
-    # constant shift) come out as float32 rounding (~1e-11); real gradients here are >= 1e-3
-    scale = want.abs().max().clamp(min=1e-6)
+    # constant shift) come out as float32 rounding (~1e-10); real gradients here are >= 1e-3
+    scale = want.abs().max().clamp(min=1e-5)
     return float((got.double() - want).abs().max() / scale) <= rtol
 
 
@@ -223,7 +223,6 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.xfail(strict=False, reason="needs the prefusion backward kernel (issue-20k)")
 @pytest.mark.parametrize("preset", ["tiny", "tiny-hd"])
 def test_triton_backend_equals_torch_backend(preset):
     grads, losses = [], []

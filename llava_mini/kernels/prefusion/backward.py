@@ -195,6 +195,12 @@ def _dq_kernel(
     tl.store(DQ + q_offsets, (dq * scale).to(DQ.dtype.element_ty), mask=m_mask[:, None] & d_mask)
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the standard row-major strides (a "contiguous" tensor may carry any stride on a
+    size-1 dim; the kernels read q/dO and k/v/dK/dV through one set of strides each)."""
+    return t if t.stride() == t.new_empty(t.shape).stride() else t.clone(memory_format=torch.contiguous_format)
+
+
 def new_gradient(like: torch.Tensor) -> torch.Tensor:
     """An uninitialised gradient buffer the kernels write in full (tests poison it with NaN)."""
     return torch.empty_like(like)
@@ -215,7 +221,7 @@ def prefusion_attention_backward_triton(grad_out, q, k, v, out, lse, *, causal, 
     delta = (grad_out.float() * out.float()).sum(-1)
     delta = delta.transpose(0, 1).contiguous() if varlen else delta.transpose(1, 2).contiguous()
     width = head_dim if head_dim % ALIGNMENT == 0 else triton.cdiv(head_dim, ALIGNMENT) * ALIGNMENT
-    q, k, v, grad_out = (_zero_padded(t, width) if width != head_dim else t.contiguous()
+    q, k, v, grad_out = (_zero_padded(t, width) if width != head_dim else _row_major(t)
                          for t in (q, k, v, grad_out))
     dq, dk, dv = (new_gradient(t) for t in (q, k, v))
     batch = cu_seqlens_q.shape[0] - 1 if varlen else q.shape[0]
