@@ -11,8 +11,8 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",
-        # CI tests 5.19 (the newest vLLM 0.32 allows); 5.16.1 differs in counted FLOPs (issue 23)
-        "transformers>=5.19,<5.26",
+        # tested at both ends by .ci/run: 5.16.1 (with vLLM 0.32, which pins <5.20) and 5.25, the newest
+        "transformers>=5.16.1,<5.26",
         "safetensors",
         "einops",
         "numpy",

@@ -9,6 +9,7 @@ Importing this module registers it; then any transformers decoder that supports 
 Supported: causal decoder attention (bottom-right aligned, so KV-cache decode steps work), GQA,
 and 2-D padding masks. Anything else (4-D masks, sliding windows, packed sequences via
 ``position_ids``, static caches, dropout, softcapping) raises a clear error instead of being ignored.
+It trains too: the kernel's backward is registered on its op (gradients to q, k and v).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def llava_mini_attention_forward(
     Returns ``(out [B, Lq, H, d], None)``: no attention weights.
     """
     if dropout:
-        raise ValueError(f"dropout: {ATTN_IMPLEMENTATION_NAME!r} supports inference only (0.0), got {dropout}")
+        raise ValueError(f"dropout: {ATTN_IMPLEMENTATION_NAME!r} has no attention dropout (expected 0.0), got {dropout}")
     for unsupported in ("sliding_window", "softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"{unsupported}: not supported by {ATTN_IMPLEMENTATION_NAME!r}; use 'sdpa' or 'eager'")

@@ -575,8 +575,12 @@ class LlavaMini(LlavaMiniEncoder):
         (``model.train()``), as in transformers."""
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         checkpoint = functools.partial(self.checkpoint_on_backend, kwargs=kwargs)
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for model in (self.llm, self.vision_tower):
+            # transformers 5.25 renamed the switch (the old name warns); earlier versions have only the old one
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         for module in (*self.llm.modules(), *self.vision_tower.modules()):
             if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
                 module._gradient_checkpointing_func = checkpoint
@@ -604,8 +608,9 @@ class LlavaMini(LlavaMiniEncoder):
 
     def gradient_checkpointing_disable(self) -> None:
         """Undo ``gradient_checkpointing_enable``."""
-        self.llm.gradient_checkpointing_disable()
-        self.vision_tower.gradient_checkpointing_disable()
+        for model in (self.llm, self.vision_tower):
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
         self.prefusion.checkpoint = None
 
     # --- generate ------------------------------------------------------------------------------------
