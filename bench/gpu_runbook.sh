@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Everything a GPU session runs, in steps that each fit the device tool's 10-minute command limit:
 #   bash bench/gpu_runbook.sh tests      # the whole suite on CUDA (bf16 and GPU-only tests included)
-#   bash bench/gpu_runbook.sh kernels    # compressor + attention kernel sweeps (JSON under bench/results/<gpu>/)
+#   bash bench/gpu_runbook.sh kernels    # compressor + attention kernel sweeps, forward, then forward + backward
+#                                        #   against SDPA flash / the reference / nn.MultiheadAttention (time, peak
+#                                        #   memory; JSON under bench/results/<gpu>/)
 #   bash bench/gpu_runbook.sh resampler  # FusedResampler vs Qwen-VL / MiniCPM-V 2.6 resamplers at their real shapes
 #   bash bench/gpu_runbook.sh stages     # pre-fusion savings, video loop vs batched
 #   bash bench/gpu_runbook.sh training   # one training step (forward + backward + AdamW), triton vs torch
@@ -25,7 +27,8 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 case "${1:-}" in
-  tests)   python -m pytest -q tests -x ;;
+  tests)   LIVE_FAILURES="${LIVE_FAILURES:-gpu_failures.txt}" PYTHONPATH=.:bench python -m pytest -q -n 8 -p live_failures \
+             -m "not vllm" tests ;;  # each failure written to $LIVE_FAILURES as it happens
   kernels) python bench/test_bench_compress.py && python bench/test_bench_prefusion.py ;;
   resampler) python bench/test_bench_resampler.py ;;
   stages)  python bench/test_bench_stages.py ;;

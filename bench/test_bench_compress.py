@@ -10,12 +10,19 @@ writes ``bench/results/<gpu>/compress.json``. Timings are reported, never assert
     PYTHONPATH=. python bench/test_bench_compress.py      # the full sweep
     pytest bench/test_bench_compress.py -s                 # the same, under pytest-benchmark
 
+Forward + backward (``run_backward_sweep``; ``--backward``): C = 1 and 2, N = 576, B = 16 and 256;
+one call is the forward and ``torch.autograd.grad`` of x and every trainable weight (the position
+table is fixed, as released) for a fixed random output gradient: the fused path against the
+reference path and the ``nn.MultiheadAttention`` module, interleaved; the peak device memory a call
+adds, for each.
+
 Baselines that would not fit in memory (they materialise K and V for every image) are timed on the
 largest power-of-two sub-batch that fits and scaled linearly; ``baseline_batch`` records which.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 
 import pytest
@@ -23,7 +30,9 @@ import torch
 from torch import nn
 
 from llava_mini.kernels.compress import choose_form, compress, compress_ref, key_pos_embed, sincos_pos_embed_2d
+from llava_mini.kernels.compress.backward import backward_flops
 from llava_mini.profiling.ceilings import measure_copy_gbps
+from llava_mini.profiling.memory import peak_memory
 from llava_mini.profiling.estimate import Protocol, format_estimate, paired_ratio, timer
 from llava_mini.profiling.results import write_results
 
@@ -34,6 +43,7 @@ DIM, HEADS, DTYPE = 1024, 8, torch.bfloat16
 BASELINE_BYTES_PER_X_BYTE = 8  # LN(x), K input, K, V, MHA's packed projections ...: a generous bound
 PROTOCOL = Protocol(rel_width=0.05, budget_s=2.0)  # per comparison
 MIN_SAMPLE_MS = 1.0
+BACKWARD_BATCHES, BACKWARD_GRIDS, BACKWARD_TOKENS = (16, 256), (1, 2), 576
 
 
 class MultiheadResampler(nn.Module):
@@ -123,6 +133,72 @@ def run_sweep() -> list[dict]:
     return records
 
 
+def bench_backward_case(module: MultiheadResampler, batch: int, grid: int, n: int) -> dict:
+    """Forward + backward: the fused path vs the reference path vs nn.MultiheadAttention."""
+    device = torch.device("cuda")
+    x = torch.randn(batch, n, DIM, device=device, dtype=DTYPE, requires_grad=True)
+    grad = torch.randn(batch, grid * grid, DIM, device=device, dtype=DTYPE)
+    weights = module.weights()
+    trainable = [x] + [w for w in weights if w.requires_grad]
+
+    def fused():
+        return torch.autograd.grad(compress(x, *weights, HEADS), trainable, grad)
+
+    def reference():
+        return torch.autograd.grad(compress_ref(x, *weights, HEADS), trainable, grad)
+
+    def mha():
+        return torch.autograd.grad(module(x), [x] + [p for p in module.parameters() if p.requires_grad], grad)
+
+    fused_timer = timer(fused, device, min_sample_ms=MIN_SAMPLE_MS)
+    vs_ref = paired_ratio(timer(reference, device, min_sample_ms=MIN_SAMPLE_MS), fused_timer, PROTOCOL)
+    vs_mha = paired_ratio(timer(mha, device, min_sample_ms=MIN_SAMPLE_MS), fused_timer, PROTOCOL)
+    peaks = {}
+    for name, fn in (("fused", fused), ("reference", reference), ("mha", mha)):
+        with peak_memory(device) as peak:
+            fn()
+        peaks[name] = peak.device_above_start
+    max_diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(fused(), reference()))
+    form = choose_form(HEADS, grid * grid, DIM, DTYPE, device)
+    flops = backward_flops(batch * n, DIM, HEADS * grid * grid) if form == "absorbed" else None
+    return {
+        "batch": batch, "grid": grid, "queries": grid * grid, "tokens": n, "dim": DIM, "heads": HEADS,
+        "dtype": str(DTYPE).removeprefix("torch."), "form": form, "backward_kernel_flops": flops,
+        "fused_ms": vs_ref.denominator.to_dict(), "ref_ms": vs_ref.numerator.to_dict(),
+        "mha_ms": vs_mha.numerator.to_dict(),
+        "speedup_vs_ref": vs_ref.ratio.to_dict(), "speedup_vs_mha": vs_mha.ratio.to_dict(),
+        "peak_bytes": peaks, "max_abs_grad_diff_vs_ref": max_diff,
+    }
+
+
+def run_backward_sweep() -> list[dict]:
+    """Forward + backward cases; print the table; write bench/results/<gpu>/compress_backward.json."""
+    device = torch.device("cuda")
+    print(f"\n{'B':>5} {'C':>2} {'N':>5} {'form':>9} {'fused ms':>9} {'ref ms':>9} {'mha ms':>9} "
+          f"{'x ref [95% interval]':>28} {'x mha [95% interval]':>28} {'MiB f/ref/mha':>16} {'max diff':>9}")
+    records = []
+    for grid in BACKWARD_GRIDS:
+        module = MultiheadResampler(grid).to(device=device, dtype=DTYPE).train()
+        for batch in BACKWARD_BATCHES:
+            r = bench_backward_case(module, batch, grid, BACKWARD_TOKENS)
+            records.append(r)
+            mib = "/".join(f"{r['peak_bytes'][k] / 2 ** 20:.0f}" for k in ("fused", "reference", "mha"))
+            print(f"{batch:>5} {grid:>2} {BACKWARD_TOKENS:>5} {r['form']:>9} {r['fused_ms']['median']:>9.3f} "
+                  f"{r['ref_ms']['median']:>9.3f} {r['mha_ms']['median']:>9.3f} "
+                  f"{format_estimate(r['speedup_vs_ref']):>28} {format_estimate(r['speedup_vs_mha']):>28} "
+                  f"{mib:>16} {r['max_abs_grad_diff_vs_ref']:>9.2e}")
+            torch.cuda.empty_cache()
+    path = write_results("compress_backward", records, device=device, protocol=PROTOCOL.to_dict())
+    print(f"wrote {path}")
+    return records
+
+
+@pytest.mark.gpu
+def test_bench_compress_backward(benchmark):
+    records = benchmark.pedantic(run_backward_sweep, rounds=1, iterations=1)
+    assert len(records) == len(BACKWARD_BATCHES) * len(BACKWARD_GRIDS)
+
+
 @pytest.mark.gpu
 def test_bench_compress(benchmark):
     records = benchmark.pedantic(run_sweep, rounds=1, iterations=1)
@@ -130,6 +206,13 @@ def test_bench_compress(benchmark):
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--forward", action="store_true", help="the forward sweep only")
+    parser.add_argument("--backward", action="store_true", help="the forward + backward cases only")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/test_bench_compress.py needs a CUDA GPU")
-    run_sweep()
+    if not args.backward:
+        run_sweep()
+    if not args.forward:
+        run_backward_sweep()

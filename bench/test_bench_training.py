@@ -6,9 +6,8 @@ is compared), a batch of ``--batch`` images with ``--text``-token prompts whose 
 labelled. Stage ``finetune`` of the released recipe (everything but the vision tower trains) or
 ``pretrain`` (compressor, projector, pre-fusion). The two backends alternate on the paired protocol
 (``estimate.paired_ratio``: median per-pair ratio torch / triton with its 95% interval); peak device
-memory of one step on each. Timings are never asserted. The triton backend needs the kernels'
-backward passes (the pre-fusion attention op has no autograd formula before them; the compressor
-falls back to its reference path under autograd).
+memory of one step on each. Timings are never asserted. The triton backend trains through both
+kernels' fused backward passes.
 
     PYTHONPATH=. python bench/test_bench_training.py                     # GPU: llava-mini-vicuna-7b, bf16
     PYTHONPATH=. python bench/test_bench_training.py --preset tiny --device cpu --backends torch   # smoke run

@@ -60,9 +60,9 @@ def test_reference_path_matches_the_real_module_fp64(name):
 def record_forms(monkeypatch):
     """Which kernel form ran (and force one); internal buffers start as NaN so unwritten parts show."""
     ran = []
-    for form in ("absorbed", "projected"):
-        original = getattr(fused_triton, f"_{form}_heads")
-        monkeypatch.setattr(fused_triton, f"_{form}_heads",
+    for form, function in (("absorbed", "_absorbed_heads"), ("projected", "projected_heads")):
+        original = getattr(fused_triton, function)
+        monkeypatch.setattr(fused_triton, function,
                             lambda *a, _f=original, _n=form, **k: (ran.append(_n), _f(*a, **k))[1])
     monkeypatch.setattr(fused_triton, "_empty", lambda shape, dtype, device: torch.full(shape, math.nan, dtype=dtype,
                                                                                          device=device))
@@ -231,3 +231,27 @@ def test_reference_spec_handles_packed_and_padded_alike():
     packed = compress_ref(torch.cat([x[0], x[1, :6]]), *weights, 4, 1e-6, query_pos=False, key_pos="sincos",
                           grid_sizes=grids, cu_seqlens=torch.tensor([0, 12, 18]))
     torch.testing.assert_close(packed, padded, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["absorbed", "projected"])
+@pytest.mark.parametrize("name", FIXTURES)
+def test_fused_module_trains_with_the_real_modules_gradients(name, form, monkeypatch):
+    """Fine-tuning through the kernel: every parameter's gradient and the input's, fp32 fused module
+    against the real module in fp64 (relative to the gradient's largest entry, < 1e-4)."""
+    monkeypatch.setattr(fused_triton, "choose_form", lambda *args: form)
+    record = load(name)
+    call = record["calls"][0]
+    real = stand_in(record).train()
+    fused = FusedResampler.from_module(stand_in(record, torch.float32)).train()
+    args64 = {k: v.clone().requires_grad_() if k == "x" else v for k, v in call["args"].items()}
+    args32 = {k: v.clone().requires_grad_() if k == "x" else v for k, v in in_dtype(call["args"], torch.float32).items()}
+    grad = torch.randn(call["output"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    real(**args64).backward(grad)
+    fused(**args32).backward(grad.float())
+    trained = {k: p for k, p in real.named_parameters() if p.requires_grad}
+    assert trained.keys() == {k for k, p in fused.named_parameters() if p.requires_grad}
+    for key, parameter in fused.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.grad is not None and not parameter.grad.isnan().any(), key
+            assert relative_error(parameter.grad, trained[key].grad) < 1e-4, key
+    assert relative_error(args32["x"].grad, args64["x"].grad) < 1e-4

@@ -383,20 +383,21 @@ def derived_weights(form: str, dtype: torch.dtype, weights: list, num_heads: int
     if entry is not None and all(ref() is w for ref, w in zip(entry[0], present)):
         _CACHE.move_to_end(key)
         return entry[1]
-    derived = _derive_weights(form, dtype, *weights, num_heads=num_heads, eps=eps, query_pos=query_pos,
-                              key_pos=key_pos, key_extent=key_extent)
+    with torch.no_grad():
+        derived = derive_weights(form, dtype, *weights, num_heads=num_heads, eps=eps, query_pos=query_pos,
+                                 key_pos=key_pos, key_extent=key_extent)
     _CACHE[key] = ([weakref.ref(w) for w in present], derived)
     if len(_CACHE) > _CACHE_ENTRIES:
         _CACHE.popitem(last=False)
     return derived
 
 
-@torch.no_grad()
-def _derive_weights(form, dtype, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
-                    ln_q_weight, ln_q_bias, ln_kv_weight, ln_kv_bias, *, num_heads, eps, query_pos, key_pos,
-                    key_extent):
+def derive_weights(form, dtype, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
+                   ln_q_weight, ln_q_bias, ln_kv_weight, ln_kv_bias, *, num_heads, eps, query_pos, key_pos,
+                   key_extent):
     """Everything that depends only on the weights, in fp32 math, stored in ``dtype`` (or fp32 for
-    the score biases)."""
+    the score biases). Differentiable: the backward runs it under autograd to carry the gradients of
+    these tensors back to the weights (``derived_weights`` caches it under no_grad for the forward)."""
     num_queries, dim = query.shape
     head_dim = dim // num_heads
     q_in = F.layer_norm(query.float(), (dim,), ln_q_weight.float(), ln_q_bias.float(), eps)
@@ -571,69 +572,117 @@ def _attn_mask_bias(attn_mask: torch.Tensor, batch: int, num_heads: int, num_que
     return bias.view(batch, num_heads, num_queries, rows).permute(0, 3, 1, 2).reshape(batch, rows, num_heads * num_queries)
 
 
-def _score_inputs(derived, layout: Layout, rows: int, key_padding_mask, attn_mask, num_heads, num_queries,
-                  device) -> ScoreInputs:
-    inputs = ScoreInputs(key_table=derived.get("key_table"), key_grid=derived.get("key_grid"))
-    if inputs.key_grid is not None:
-        inputs.widths = torch.tensor([w for _, w in layout.grids], dtype=torch.int32, device=device)
+def score_tables(derived, layout: Layout, rows: int, attn_mask, num_heads, num_queries):
+    """(key_table, key_grid): what the absorbed kernel adds to the scores, from the weight-derived
+    tensors, with a given ``attn_mask`` folded into the key table; differentiable."""
+    key_table, key_grid = derived.get("key_table"), derived.get("key_grid")
     if attn_mask is not None:
         extra = _attn_mask_bias(attn_mask, layout.batch, num_heads, num_queries, rows)
-        if inputs.key_table is not None:
-            extra = extra + F.pad(inputs.key_table, (0, 0, 0, rows - inputs.key_table.shape[0]))
-        inputs.key_table = extra.contiguous()
+        if key_table is not None:
+            extra = extra + F.pad(key_table, (0, 0, 0, rows - key_table.shape[0]))
+        key_table = extra.contiguous()
+    return key_table, key_grid
+
+
+def score_inputs(layout: Layout, key_table, key_grid, key_padding_mask, device) -> ScoreInputs:
+    """The absorbed kernels' score inputs for one launch (the tables, the grids' widths, the mask)."""
+    inputs = ScoreInputs(key_table=key_table, key_grid=key_grid)
+    if key_grid is not None:
+        inputs.widths = torch.tensor([w for _, w in layout.grids], dtype=torch.int32, device=device)
     if key_padding_mask is not None:
         inputs.mask = key_padding_mask.to(torch.uint8).contiguous()
     return inputs
 
 
-def _absorbed_heads(x, weights, layout: Layout, scores: ScoreInputs, num_heads, num_queries, eps, splits):
-    """[B, Q, D] attention output before out_proj, via the absorbed kernel (x dense or packed)."""
-    dim = x.shape[-1]
-    batch, rows = layout.batch, layout.rows
-    hq = num_heads * num_queries
+def _score_inputs(derived, layout: Layout, rows: int, key_padding_mask, attn_mask, num_heads, num_queries,
+                  device) -> ScoreInputs:
+    return score_inputs(layout, *score_tables(derived, layout, rows, attn_mask, num_heads, num_queries),
+                        key_padding_mask, device)
+
+
+def launch_layout(x, layout: Layout) -> tuple:
+    """(starts, lengths, VARLEN, (stride_b, stride_n, stride_d)) the absorbed kernels take for x."""
+    varlen = layout.lengths is not None
+    if varlen:
+        lengths = torch.tensor(layout.lengths, dtype=torch.int32, device=x.device)
+        starts = torch.tensor(layout.starts or [0] * layout.batch, dtype=torch.int64, device=x.device)
+    else:
+        lengths = starts = x  # unused (a valid pointer)
+    return starts, lengths, varlen, row_strides(x)
+
+
+def row_strides(t) -> tuple[int, int, int]:
+    """(image, row, channel) strides of dense [B, N, D] or packed [T, D] (image stride 0) rows."""
+    return (0, *t.stride()) if t.dim() == 2 else t.stride()
+
+
+def key_table_stride(key_table, hq: int) -> int:
+    """The per-image stride of a key table: 0 when one table serves every image."""
+    return key_table.shape[1] * hq if key_table is not None and key_table.dim() == 3 and key_table.shape[0] > 1 else 0
+
+
+def absorbed_splits(x, layout: Layout, splits: int | None) -> tuple[int, int]:
+    """(splits, rows_per_split) of the absorbed kernels for this batch (``splits`` None: fill one wave)."""
     if splits is None:
-        splits = choose_splits(batch, rows, wave_slots(x.device))
-    rows_per_split = split_rows(rows, splits)
-    splits = triton.cdiv(rows, rows_per_split)  # no split starts beyond the longest image
+        splits = choose_splits(layout.batch, layout.rows, wave_slots(x.device))
+    rows_per_split = split_rows(layout.rows, splits)
+    return triton.cdiv(layout.rows, rows_per_split), rows_per_split  # no split starts beyond the longest image
+
+
+def absorbed_attention(x, queries, layout: Layout, scores: ScoreInputs, eps, splits=None):
+    """The absorbed kernel's softmax-weighted sum of the normalised rows, y [H*Q, B, D] in x's dtype,
+    and each (head, query, image)'s log-sum-exp of its base-2 scores, lse [H*Q, B] fp32, for the
+    absorbed queries [H*Q, D]."""
+    dim = x.shape[-1]
+    batch = layout.batch
+    hq = queries.shape[0]
+    splits, rows_per_split = absorbed_splits(x, layout, splits)
     # One split writes the final y directly in x's dtype; partial results stay fp32 for the merge.
     y = _empty((hq, batch, splits, dim), x.dtype if splits == 1 else torch.float32, x.device)
     running_max = _empty((hq, batch, splits), torch.float32, x.device)
     running_sum = _empty((hq, batch, splits), torch.float32, x.device)
-    varlen = layout.lengths is not None
-    if varlen:
-        lengths = torch.tensor(layout.lengths, dtype=torch.int32, device=x.device)
-        starts = torch.tensor(layout.starts or [0] * batch, dtype=torch.int64, device=x.device)
-    else:
-        lengths = starts = x  # unused (a valid pointer)
-    packed = x.dim() == 2
-    stride_xb, stride_xn, stride_xd = (0, *x.stride()) if packed else x.stride()
+    starts, lengths, varlen, (stride_xb, stride_xn, stride_xd) = launch_layout(x, layout)
     key_table = scores.key_table
-    stride_tb = key_table.shape[1] * hq if key_table is not None and key_table.dim() == 3 and key_table.shape[0] > 1 else 0
     block_hq, block_d = block_sizes(hq, dim)
     autotuned_kernel(x.dtype)[(batch, splits)](
-        x, weights["queries"],
+        x, queries,
         key_table if key_table is not None else x, scores.key_grid if scores.key_grid is not None else x,
         starts, lengths, scores.widths if scores.widths is not None else x, scores.mask if scores.mask is not None else x,
         y, running_max, running_sum,
-        batch, rows, dim, hq, rows_per_split, splits,
+        batch, layout.rows, dim, hq, rows_per_split, splits,
         scores.key_grid.shape[1] if scores.key_grid is not None else 0,
-        stride_xb, stride_xn, stride_xd, stride_tb, scores.mask.stride(0) if scores.mask is not None else 0,
+        stride_xb, stride_xn, stride_xd, key_table_stride(key_table, hq),
+        scores.mask.stride(0) if scores.mask is not None else 0,
         eps,
         BLOCK_D=block_d, BLOCK_HQ=block_hq,
         VARLEN=varlen, KEY_TABLE=key_table is not None, KEY_GRID=scores.key_grid is not None,
         HAS_MASK=scores.mask is not None,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
+    peak = running_max.amax(dim=2)
     if splits == 1:
-        y = y[:, :, 0]
+        y, total = y[:, :, 0], running_sum[:, :, 0]
     else:  # merge the splits' softmax states; a split that saw no valid key has weight 0
-        weight = running_sum * torch.exp2(running_max - running_max.amax(dim=2, keepdim=True))
-        y = ((y * weight[..., None]).sum(dim=2) / weight.sum(dim=2)[..., None]).to(x.dtype)
+        weight = running_sum * torch.exp2(running_max - peak[..., None])
+        total = weight.sum(dim=2)
+        y = ((y * weight[..., None]).sum(dim=2) / total[..., None]).to(x.dtype)
+    return y, peak + torch.log2(total)
+
+
+def value_projection(y, weights, num_heads: int, num_queries: int):
+    """The heads' values out of y [H*Q, B, D]: [B, Q, D] (before out_proj); differentiable."""
+    batch, dim = y.shape[1], y.shape[2]
     # [H, Q*B, D] @ [H, D, hd] per head, then back to [B, Q, H*hd].
-    heads = torch.baddbmm(weights["value_bias"], y.view(num_heads, num_queries * batch, dim),
+    heads = torch.baddbmm(weights["value_bias"], y.reshape(num_heads, num_queries * batch, dim),
                           weights["value_weight"].transpose(1, 2))
     head_dim = dim // num_heads
     return heads.view(num_heads, num_queries, batch, head_dim).permute(2, 1, 0, 3).reshape(batch, num_queries, dim)
+
+
+def _absorbed_heads(x, weights, layout: Layout, scores: ScoreInputs, num_heads, num_queries, eps, splits):
+    """[B, Q, D] attention output before out_proj, via the absorbed kernel (x dense or packed)."""
+    y, _ = absorbed_attention(x, weights["queries"], layout, scores, eps, splits)
+    return value_projection(y, weights, num_heads, num_queries)
 
 
 def _projected_keys_position(weights, layout: Layout, first: int, count: int, rows: int, dtype, device):
@@ -652,7 +701,7 @@ def _projected_keys_position(weights, layout: Layout, first: int, count: int, ro
     return None
 
 
-def _projected_heads(x, weights, layout: Layout, first: int, key_padding_mask, attn_mask, num_heads, num_queries, eps):
+def projected_heads(x, weights, layout: Layout, first: int, key_padding_mask, attn_mask, num_heads, num_queries, eps):
     """[B, Q, D] attention output before out_proj for dense x (a chunk of images starting at
     ``first``), with projected K, V and SDPA."""
     batch, rows, dim = x.shape
@@ -728,7 +777,7 @@ def compress_triton(x, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_
     chunk = max(1, PROJECTED_CHUNK_BYTES // (3 * dense.shape[1] * dim * x.element_size()))
     for first in range(0, batch, chunk):
         mask = key_padding_mask[first:first + chunk] if key_padding_mask is not None else None
-        heads = _projected_heads(dense[first:first + chunk], derived, layout, first, mask, attn_mask, num_heads,
+        heads = projected_heads(dense[first:first + chunk], derived, layout, first, mask, attn_mask, num_heads,
                                  num_queries, eps)
         torch.addmm(derived["out_proj_bias"], heads.reshape(-1, dim), derived["out_proj_weight"].t(),
                     out=out[first:first + chunk].view(-1, dim))
