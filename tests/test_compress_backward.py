@@ -86,7 +86,8 @@ ABSORBED_4Q = (24, 4, 4, 36)  # D=24: channels padded to 32; N=36 not a multiple
 PROJECTED = (40, 4, 9, 25)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16,
+                                   pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])  # no bf16 in the interpreter
 @pytest.mark.parametrize("shape", [ABSORBED, ABSORBED_4Q, PROJECTED], ids=["absorbed", "absorbed-4q", "projected"])
 def test_every_gradient_matches_fp64(shape, dtype, device, monkeypatch):
     dim, heads, num_queries, n = shape
@@ -95,7 +96,7 @@ def test_every_gradient_matches_fp64(shape, dtype, device, monkeypatch):
     x = torch.randn(3, n, dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     weights = [w.to(device) for w in make_weights(dim, num_queries, math.isqrt(num_queries))]
     grad = torch.randn(3, num_queries, dim, generator=torch.Generator().manual_seed(2)).to(device, dtype)
-    atol = 1e-5 if dtype == torch.float32 else 2e-3
+    atol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     assert assert_within_twice_torch_error(x, weights, grad, heads, atol=atol) == 12
 
 
@@ -189,3 +190,29 @@ def test_weights_trained_through_the_kernel_change_the_next_forward(device):
         expected = compress_ref(x, *[w.detach() for w in weights], heads, query_pos=False)
     assert (after - before).abs().max() > 1e-3
     torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("capability,shared,dtype,queries,runs", [
+    (90, 232448, torch.bfloat16, 1, True),     # H100/H200: 144 KB (one stage) and 176 KB (two) fit
+    (90, 232448, torch.bfloat16, 4, False),    # C=2: 240 KB, what the H200 refused
+    (90, 232448, torch.float32, 1, False),     # fp32: no config (its FMA dots collapse the kernel)
+    (80, 166912, torch.float16, 1, True),      # A100: the one-stage config
+    (86, 101376, torch.bfloat16, 1, False),    # RTX 3090/4090: 99 KB
+])
+def test_backward_dispatch_rule(capability, shared, dtype, queries, runs, monkeypatch):
+    monkeypatch.setattr(kernel_backward, "device_limits", lambda device: (capability, shared))
+    assert kernel_backward.backward_runs(8, queries, 1024, dtype, "cuda") is runs
+
+
+def test_training_runs_the_projected_form_where_the_backward_kernel_does_not(monkeypatch):
+    """Where ``backward_runs`` says no, gradients still come, through the projected form."""
+    from llava_mini.kernels.compress import op
+
+    monkeypatch.setattr(op, "backward_runs", lambda *args: False)
+    ran = []
+    monkeypatch.setattr(op, "projected_heads", lambda *a, _f=op.projected_heads, **k: (ran.append(1), _f(*a, **k))[1])
+    weights = make_weights(32, 1, 5)
+    x = torch.randn(2, 25, 32)
+    grad = torch.randn(2, 1, 32)
+    assert assert_within_twice_torch_error(x, weights, grad, 2, query_pos=False) == 12
+    assert ran  # the absorbed op did not run

@@ -154,7 +154,13 @@ def test_empty_video(model):
         model.encode(videos=[[]], input_ids=[[1, IMG, 5]])
 
 
-def test_missing_video_file(model, tmp_path):
+@pytest.mark.parametrize("has_pyav", [True, False])
+def test_missing_video_file(model, tmp_path, monkeypatch, has_pyav):
+    """A wrong path is reported as such, also where PyAV is not installed (found on the GPU machine)."""
+    if not has_pyav:
+        def no_pyav():
+            raise ImportError("decoding video files needs PyAV")
+        monkeypatch.setattr(video, "import_av", no_pyav)
     with pytest.raises(ValueError, match="video: no such file"):
         model.encode(videos=[tmp_path / "none.mp4"], input_ids=[[1, IMG, 5]])
 

@@ -2,7 +2,7 @@
 
 Triton's own compiler and ptxas, with the argument specialisation a real launch gets: the dispatch
 rule agrees with the compiled shared memory, no config that cannot fit is left for the autotuner,
-and the configs the autotuner may pick do not spill (see ``llava_mini/kernels/aot.py``). The
+and the configs the autotuner may pick spill no more than their kernel allows (see ``llava_mini/kernels/aot.py``). The
 interpreter runs the kernels' Python semantics; this catches what only the GPU compiler sees. It
 runs in a subprocess because this test session imports the kernels under TRITON_INTERPRET=1.
 """
@@ -69,6 +69,13 @@ def test_kernels_fit_every_arch():
     for dtype in ("float16", "bfloat16", "float32"):
         assert f"| compress C=1 | {dtype} | sm_90 (H100) |" in run.stdout
     assert "| compress C=1 | float32 | sm_86 (RTX 3090) | none of 4: projected form" in run.stdout
+    # the backward kernels (issue 20): both pre-fusion kernels in every dtype; the compressor's where
+    # training runs it (fp16/bf16, C=1, A100 and H100), the projected form elsewhere
+    for kernel in ("dkdv", "dq"):
+        for dtype in ("float16", "bfloat16", "float32"):
+            assert f"| prefusion backward ({kernel}) | {dtype} | sm_86 (RTX 3090) | 1 of 1 |" in run.stdout
+    assert "| compress backward C=1 | bfloat16 | sm_90 (H100) | 2 of 2 |" in run.stdout
+    assert "| compress backward C=2 | bfloat16 | sm_90 (H100) | none of 2: projected form under autograd" in run.stdout
 
 
 @pytest.mark.slow

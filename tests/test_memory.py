@@ -232,3 +232,8 @@ def test_reduced_baseline_cache_is_the_predicted_kv_per_image(reduction):
     full, reduced = M.plan(cfg, model="baseline"), M.plan(cfg, model="baseline", reduction=model.reduction)
     assert reduced.kv_per_frame == M.kv_bytes_per_image(cfg, "baseline", "bf16", model.reduction)
     assert reduced.max_frames > full.max_frames
+
+
+def test_slope_of_bytes_on_a_line_is_exact():
+    """The fit is exact: these counts gave 511.99999999999994 with float sums (numpy on the GPU machine)."""
+    assert M._fit([1, 3, 6], [3072, 4096, 5632]) == (512.0, 2560.0)

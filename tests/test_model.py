@@ -254,3 +254,13 @@ def test_hd_video_runs_each_frame_as_blocks_plus_the_whole():
     torch.testing.assert_close(chunked.inputs_embeds, loop.inputs_embeds, atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match=r"video: a tensor must hold ready pixel values \[T > 0, 5, 3, 28, 28\]"):
         model.encode(videos=[pixels[:, 0]], input_ids=[PROMPTS[0]])
+
+
+@pytest.mark.gpu
+def test_builds_under_a_cuda_device_context():
+    """``with torch.device("cuda")`` sends every new tensor there: the fixed sin-cos table's index tensors
+    must not follow it away from the table (it failed so on the H200; the CPU shows nothing: CPU tensors
+    index with meta or CPU indices alike)."""
+    with torch.device("cuda"):
+        model = LlavaMini.from_preset("tiny", dtype=torch.float32)
+    assert model.compressor.query.device.type == "cuda"  # the context applied

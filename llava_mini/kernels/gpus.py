@@ -7,6 +7,7 @@ limit per block is the opt-in maximum, the one Triton's launcher checks (``max_s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +55,14 @@ def device_limits(device: torch.device) -> tuple[int, int] | None:
     """``(capability, shared memory one program may use)`` of a CUDA device; None off CUDA."""
     if device.type != "cuda":
         return None
+    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_limits(index: int) -> tuple[int, int]:
+    """Per device, once: a driver query on every kernel call costs host time."""
     import triton  # the driver query Triton's own launcher uses
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
     shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
     return 10 * major + minor, shared

@@ -638,6 +638,11 @@ class LlavaMini(LlavaMiniEncoder):
         if self.tokenizer is not None:
             generate_kwargs.setdefault("tokenizer", self.tokenizer)
         with self.backend_scope(backend) as name:
+            config = generation_config if isinstance(generation_config, GenerationConfig) else self.llm.generation_config
+            cache = generate_kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+            if name == "triton" and isinstance(cache, str) and "static" in cache:  # before any encoding work
+                raise ValueError(f"cache_implementation: {cache!r} needs 4-D attention masks; static caches are not "
+                                 "supported by the 'triton' attention: use backend='sdpa' (or a dynamic cache)")
             prompt = self.encode(images, input_ids, prompts=prompts, videos=videos, prefix=prefix,
                                  attention_mask=attention_mask, fps=fps, max_frames=max_frames, backend=name)
             length, new = prompt.inputs_embeds.shape[1], self.new_tokens(generation_config, generate_kwargs)

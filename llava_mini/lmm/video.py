@@ -55,9 +55,9 @@ def import_av():
 
 def open_container(path: str):
     """Open a file with PyAV: a clear ValueError naming it when it is missing or unreadable."""
-    av = import_av()
-    if not Path(path).is_file():
+    if not Path(path).is_file():  # before PyAV: a wrong path is the error to report, with or without it
         raise ValueError(f"video: no such file {path!r}")
+    av = import_av()
     try:
         return av.open(path)
     except (av.error.FFmpegError, IndexError, EOFError) as e:  # PyAV raises IndexError on empty MP4s
@@ -79,7 +79,6 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     truncated file: ValueError.
     """
     path = str(path)
-    av = import_av()
     with open_container(path) as container:
         stream = video_stream(container, path)
         total, frames_from, end = stream.frames, "container", None
@@ -375,7 +374,7 @@ def open_video(video, processor, resolution_ratio: int = 1, fps: float = 1.0,
 def available_memory(device: torch.device) -> int | None:
     """Free bytes on ``device`` now: CUDA's free memory, or the host's MemAvailable (Linux); else None."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.mem_get_info(device.index if device.index is not None else torch.cuda.current_device())[0]
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:

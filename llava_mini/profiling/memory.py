@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import gc
 import os
+from fractions import Fraction
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -440,11 +441,14 @@ TOLERANCES = {
 
 
 def _fit(xs, ys) -> tuple[float, float]:
+    """Least-squares (slope, intercept), in exact rational arithmetic: integer byte counts on a line
+    give their integer slope exactly (float sums can leave it an ulp off)."""
+    xs, ys = [Fraction(x) for x in xs], [Fraction(y) for y in ys]
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     var = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
-    return slope, my - slope * mx
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else Fraction(0)
+    return float(slope), float(my - slope * mx)
 
 
 def measure_slope(run: Callable[[int], object], counts, method: str = "auto", device=None) -> MemoryMeasurement:

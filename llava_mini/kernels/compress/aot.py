@@ -17,6 +17,11 @@ The dispatch rule: the autotuner considers the configs whose register tile fits
 (``shared_memory_bytes``), and ``choose_form`` runs the absorbed kernel on an arch exactly where one
 is kept (the check asserts both against the compiles). The split rule assumes
 ``RESIDENT_PROGRAMS_PER_SM``; the check asserts every kept config has that occupancy.
+
+The backward kernel (``backward.py``) as ``absorbed_attention_backward`` launches it, at the same
+shapes and batches, writing dx and the score gradients (the key table trains): its rule is
+``backward_configs`` (fp16/bf16 configs whose shared memory fits; none for fp32), and training runs
+it exactly where ``backward_runs`` says (elsewhere the projected form under autograd).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from llava_mini.kernels.aot import LaunchCase, record_launches
+from llava_mini.kernels.compress import backward
 from llava_mini.kernels.compress import triton as kernel
 
 DIM, HEADS = 1024, 8
@@ -49,30 +55,69 @@ def launch(compressor_size: int, tokens: int, batch: int, dtype: torch.dtype, sp
     return recorded
 
 
-def aot_cases() -> list[LaunchCase]:
-    cases = []
+def backward_launch(compressor_size: int, tokens: int, batch: int, dtype: torch.dtype, splits: int):
+    """The backward kernel's launch for LLaVA-Mini's compressor, recorded without running it."""
+    def meta(*shape, dtype=dtype):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    hq = HEADS * compressor_size ** 2
+    [recorded] = record_launches(backward, backward.absorbed_attention_backward, meta(hq, batch, DIM),
+                                 meta(batch, tokens, DIM), meta(hq, DIM), meta(tokens, hq, dtype=torch.float32), None,
+                                 None, None, None, 1e-5, meta(hq, batch, DIM), meta(hq, batch, dtype=torch.float32),
+                                 splits=splits)
+    return recorded
+
+
+def product_launches():
+    """(C, N, batch, splits, label, dtype) of every launch the check compiles, per kernel."""
     for size in COMPRESSOR_SIZES:
-        queries = size ** 2
         for tokens in TOKENS:
             split = kernel.choose_splits(1, tokens, SMALLEST_GPU_SMS * kernel.RESIDENT_PROGRAMS_PER_SM)
             for batch, splits, label in ((FULL_BATCH, 1, f"{FULL_BATCH} images"),
                                          (1, split, f"1 image in {split} splits")):
                 for dtype in kernel.SUPPORTED_DTYPES:
-                    recorded = launch(size, tokens, batch, dtype, splits)
-                    block_hq, block_d = recorded.args["BLOCK_HQ"], recorded.args["BLOCK_D"]
-                    key_grid = recorded.args["KEY_GRID"]
+                    yield size, tokens, batch, splits, f"C={size} N={tokens}, {label}", dtype
 
-                    def keeps(config, arch, dtype=dtype, block_hq=block_hq, block_d=block_d, key_grid=key_grid):
-                        return config in kernel.absorbed_configs(dtype, block_hq, block_d, key_grid,
-                                                                 arch.shared_per_block)
 
-                    def picked(arch, dtype=dtype, queries=queries):
-                        return kernel.choose_form_for(HEADS, queries, DIM, dtype, arch.shared_per_block) == "absorbed"
+def backward_cases() -> list[LaunchCase]:
+    cases = []
+    for size, tokens, batch, splits, shape, dtype in product_launches():
+        recorded = backward_launch(size, tokens, batch, dtype, splits)
+        block_hq, block_d = recorded.args["BLOCK_HQ"], recorded.args["BLOCK_D"]
 
-                    cases.append(LaunchCase(
-                        "compress", f"C={size} N={tokens}, {label}", dtype, kernel.autotuned_kernel(dtype),
-                        recorded.args, keeps, MAX_SPILL_BYTES,
-                        configs=tuple(kernel.absorbed_configs(dtype, block_hq, block_d, key_grid)),
-                        picked=picked, fallback="projected form (K/V matmuls + SDPA)",
-                        programs_per_sm=kernel.RESIDENT_PROGRAMS_PER_SM, group=f"C={size}"))
+        def keeps(config, arch, dtype=dtype, block_hq=block_hq, block_d=block_d):
+            return config in backward.backward_configs(dtype, block_hq, block_d, arch.shared_per_block)
+
+        def picked(arch, dtype=dtype, block_hq=block_hq, block_d=block_d):
+            return bool(backward.backward_configs(dtype, block_hq, block_d, arch.shared_per_block))
+
+        cases.append(LaunchCase(
+            "compress backward", shape, dtype, backward._absorbed_backward_kernel, recorded.args, keeps,
+            backward.MAX_SPILL_BYTES, configs=tuple(backward.backward_configs(dtype, block_hq, block_d)),
+            picked=picked, fallback="projected form under autograd", group=f"C={size}"))
+    return cases
+
+
+def aot_cases() -> list[LaunchCase]:
+    return forward_cases() + backward_cases()
+
+
+def forward_cases() -> list[LaunchCase]:
+    cases = []
+    for size, tokens, batch, splits, shape, dtype in product_launches():
+        recorded = launch(size, tokens, batch, dtype, splits)
+        block_hq, block_d = recorded.args["BLOCK_HQ"], recorded.args["BLOCK_D"]
+        key_grid = recorded.args["KEY_GRID"]
+
+        def keeps(config, arch, dtype=dtype, block_hq=block_hq, block_d=block_d, key_grid=key_grid):
+            return config in kernel.absorbed_configs(dtype, block_hq, block_d, key_grid, arch.shared_per_block)
+
+        def picked(arch, dtype=dtype, queries=size ** 2):
+            return kernel.choose_form_for(HEADS, queries, DIM, dtype, arch.shared_per_block) == "absorbed"
+
+        cases.append(LaunchCase(
+            "compress", shape, dtype, kernel.autotuned_kernel(dtype), recorded.args, keeps, MAX_SPILL_BYTES,
+            configs=tuple(kernel.absorbed_configs(dtype, block_hq, block_d, key_grid)),
+            picked=picked, fallback="projected form (K/V matmuls + SDPA)",
+            programs_per_sm=kernel.RESIDENT_PROGRAMS_PER_SM, group=f"C={size}"))
     return cases

@@ -23,16 +23,66 @@ import triton
 import triton.language as tl
 
 from llava_mini.kernels.compress import triton as fused
+from llava_mini.kernels.gpus import device_limits
 
 
 def _configs(tiles):
     return [triton.Config({"BLOCK_N": block_n}, num_warps=warps, num_stages=stages) for block_n, warps, stages in tiles]
 
 
-# (BLOCK_N, warps, stages). Each program holds the x tile, dxhat and the dA accumulator as fp32 rows
-# of D: 16 rows at 8 or 16 warps; the interpreter runs one config.
-BACKWARD_CONFIGS = _configs([(16, 8, 1), (16, 16, 1), (16, 8, 2)])
+# (BLOCK_N, warps, stages), for fp16/bf16 x. Each program holds the x tile, dxhat, dy and the dA
+# accumulator as rows of D: at D=1024, H*Q=16, 8 warps, ptxas reports ~300 B of spills per thread
+# when dx and the score gradients are written (bench/results/kernel_resources.md); re-reading dy per
+# tile instead collapses the kernel (32 registers, 8 KB of spills), as does 4 warps. fp32 x has no
+# config: its FMA dots collapse it at every width tried (> 5 KB of spills), so fp32 training runs
+# the projected form on a GPU. The interpreter runs one config, any dtype.
+HALF_CONFIGS = _configs([(16, 8, 1), (16, 8, 2)])
 INTERPRETER_CONFIGS = _configs([(16, 4, 1)])
+# Spill stores (bytes per thread) a kept config may have: the ~300 B above (a known cost, to work
+# off), not a collapsed kernel.
+MAX_SPILL_BYTES = 320
+
+
+def shared_memory_bytes(config, block_hq: int, block_d: int, dtype: torch.dtype) -> int:
+    """Shared memory the compiled backward kernel uses (fp16/bf16): the rule configs are kept by.
+
+    Read off Triton's compiles for sm_80-sm_90 at BLOCK_N=16: the dots stage the absorbed queries
+    and dy in both orientations and x's tile ([3 * BLOCK_HQ + 1.5 * BLOCK_N] rows of BLOCK_D), each
+    further pipeline stage one more x tile; exact at H*Q 16 and 32, D 1024 (147,456 and 245,760 B
+    for one stage; the latter is what an H200 refused at C=2). The ahead-of-time check holds the
+    rule to real compiles.
+    """
+    block_n, size = config.kwargs["BLOCK_N"], dtype.itemsize
+    return ((3 * block_hq + 3 * block_n // 2) + (config.num_stages - 1) * block_n) * block_d * size
+
+
+def backward_configs(dtype: torch.dtype, block_hq: int, block_d: int, shared_limit: int | None = None) -> list:
+    """The backward kernel's configs for x of ``dtype`` on a GPU allowing ``shared_limit`` bytes per
+    program (None: no limit): none for fp32."""
+    if dtype == torch.float32:
+        return []
+    return [c for c in HALF_CONFIGS
+            if shared_limit is None or shared_memory_bytes(c, block_hq, block_d, dtype) <= shared_limit]
+
+
+def backward_runs(num_heads: int, num_queries: int, dim: int, dtype: torch.dtype, device) -> bool:
+    """Whether the absorbed form's backward kernel runs for these shapes on ``device`` (always under
+    the interpreter); where it does not, training runs the projected form."""
+    limits = device_limits(torch.device(device))
+    if limits is None:
+        return True
+    block_hq, block_d = fused.block_sizes(num_heads * num_queries, dim)
+    return bool(backward_configs(dtype, block_hq, block_d, limits[1]))
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Autotuner hook: keep the configs that fit this GPU (``backward_configs``)."""
+    x = named_args["x_ptr"]
+    limits = device_limits(x.device)
+    if limits is None:
+        return configs
+    kept = backward_configs(x.dtype, kwargs["BLOCK_HQ"], kwargs["BLOCK_D"], limits[1])
+    return [c for c in configs if c in kept]
 
 
 def new_gradient(shape, dtype, device) -> torch.Tensor:
@@ -40,9 +90,10 @@ def new_gradient(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@triton.autotune(INTERPRETER_CONFIGS if fused.interpreting() else BACKWARD_CONFIGS,
+@triton.autotune(INTERPRETER_CONFIGS if fused.interpreting() else HALF_CONFIGS,
                  key=["rows_per_split", "BLOCK_D", "BLOCK_HQ", "VARLEN", "KEY_TABLE", "KEY_GRID", "HAS_MASK",
-                      "STORE_DX", "STORE_DSCORES"])
+                      "STORE_DX", "STORE_DSCORES"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit(do_not_specialize=["B", "num_splits"])
 def _absorbed_backward_kernel(
     x_ptr, queries_ptr, key_table_ptr, key_grid_ptr, starts_ptr, lengths_ptr, widths_ptr, mask_ptr,

@@ -59,8 +59,9 @@ def sincos_grid(dim: int, height: int, width: int) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"dim: the 2-D sin-cos table needs a multiple of 4, got {dim}")
     table = sincos_1d(dim // 2, max(height, width))
-    rows = torch.arange(height).repeat_interleave(width)
-    cols = torch.arange(width).repeat(height)
+    # explicit device: under a `with torch.device("cuda")` block the indices would follow it, the table not
+    rows = torch.arange(height, device=table.device).repeat_interleave(width)
+    cols = torch.arange(width, device=table.device).repeat(height)
     return torch.cat([table[cols], table[rows]], dim=1)
 
 

@@ -305,6 +305,13 @@ def check_inputs(x, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_wei
                             f"{attn_mask.dtype}")
 
 
+def check_kernel_device(x) -> None:
+    """The kernels run on CUDA tensors, or anywhere under the interpreter; meta tensors run everything
+    but the kernels (the ahead-of-time check records the launches)."""
+    if x.device.type not in ("cuda", "meta") and not interpreting():
+        raise ValueError(f"x: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}")
+
+
 def _shape(tensor) -> object:
     return list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
 
@@ -745,9 +752,6 @@ def compress_triton(x, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_
     options = dict(query_pos=query_pos, key_pos=key_pos, grid_sizes=grid_sizes, cu_seqlens=cu_seqlens,
                    key_padding_mask=key_padding_mask, attn_mask=attn_mask)
     check_inputs(x, *weights, num_heads, **options)
-    # Meta tensors run everything but the kernels: the ahead-of-time check records the launches.
-    if x.device.type not in ("cuda", "meta") and not interpreting():
-        raise ValueError(f"x: the Triton kernel needs a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}")
     dim = x.shape[-1]
     num_queries = query.shape[0]
     if form is None:
@@ -764,6 +768,7 @@ def compress_triton(x, query, pos_embed, in_proj_weight, in_proj_bias, out_proj_
           or not out.is_contiguous()):
         raise ValueError(f"out: expected a contiguous {x.dtype} tensor of shape {[batch, num_queries, dim]} "
                          f"on {x.device}, got {out.dtype} {list(out.shape)} on {out.device}")
+    check_kernel_device(x)  # after every argument's own check
     if batch == 0:
         return out
     derived = derived_weights(form, x.dtype, weights, num_heads, eps, query_pos, key_pos, layout.key_extent(key_pos))
