@@ -24,9 +24,9 @@ def prefusion_with_wrong_rules():
     import dataclasses
 
     from llava_mini.kernels.gpus import arch
-    from llava_mini.kernels.prefusion.aot import aot_cases
+    from llava_mini.kernels.prefusion.aot import forward_cases
 
-    [case] = [c for c in aot_cases() if c.shape == "Llama-3.1-8B 32/8 x 128" and str(c.dtype) == "torch.bfloat16"]
+    [case] = [c for c in forward_cases() if c.shape == "Llama-3.1-8B 32/8 x 128" and str(c.dtype) == "torch.bfloat16"]
     return [dataclasses.replace(case, keeps=lambda config, gpu: True, archs=(arch(86),)),
             dataclasses.replace(case, keeps=lambda config, gpu: False, archs=(arch(86),))]
 
@@ -37,11 +37,11 @@ def compressor_with_wrong_dispatch():
     check must report all three."""
     import dataclasses
 
-    from llava_mini.kernels.compress.aot import aot_cases
+    from llava_mini.kernels.compress.aot import forward_cases
     from llava_mini.kernels.gpus import arch
 
     def case(dtype):
-        return next(c for c in aot_cases() if c.shape.startswith("C=1 N=576, 256") and str(c.dtype) == dtype)
+        return next(c for c in forward_cases() if c.shape.startswith("C=1 N=576, 256") and str(c.dtype) == dtype)
 
     return [dataclasses.replace(case("torch.float32"), picked=lambda gpu: True, archs=(arch(86),)),
             dataclasses.replace(case("torch.bfloat16"), picked=lambda gpu: False, programs_per_sm=2,
