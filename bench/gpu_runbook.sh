@@ -4,6 +4,8 @@
 #   bash bench/gpu_runbook.sh kernels    # compressor + attention kernel sweeps, forward, then forward + backward
 #                                        #   against SDPA flash / the reference / nn.MultiheadAttention (time, peak
 #                                        #   memory; JSON under bench/results/<gpu>/)
+#   bash bench/gpu_runbook.sh overhead   # each fused op's fixed per-call cost: host enqueue vs kernel time, and the
+#                                        #   Python functions / torch ops that take the host's (under a minute)
 #   bash bench/gpu_runbook.sh resampler  # FusedResampler vs Qwen-VL / MiniCPM-V 2.6 resamplers at their real shapes
 #   bash bench/gpu_runbook.sh stages     # pre-fusion savings, video loop vs batched
 #   bash bench/gpu_runbook.sh training   # one training step (forward + backward + AdamW), triton vs torch
@@ -30,6 +32,7 @@ case "${1:-}" in
   tests)   LIVE_FAILURES="${LIVE_FAILURES:-gpu_failures.txt}" PYTHONPATH=.:bench python -m pytest -q -n 8 -p live_failures \
              -m "not vllm" tests ;;  # each failure written to $LIVE_FAILURES as it happens
   kernels) python bench/test_bench_compress.py && python bench/test_bench_prefusion.py ;;
+  overhead) python bench/test_bench_overhead.py ;;
   resampler) python bench/test_bench_resampler.py ;;
   stages)  python bench/test_bench_stages.py ;;
   training) python bench/test_bench_training.py ;;
@@ -40,5 +43,5 @@ case "${1:-}" in
              > "bench/results/$(python -c 'from llava_mini.profiling.results import device_slug; from llava_mini.profiling.ceilings import device_name; print(device_slug(device_name()))')/budget.json" ;;
   video)   python bench/test_bench_video.py ;;
   serving) python -m llava_mini.cli bench --engine vllm ;;
-  *) echo "usage: bash bench/gpu_runbook.sh tests|kernels|resampler|stages|training|main|methods|budget|video|serving" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_runbook.sh tests|kernels|overhead|resampler|stages|training|main|methods|budget|video|serving" >&2; exit 2 ;;
 esac

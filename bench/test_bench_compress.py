@@ -49,13 +49,13 @@ BACKWARD_BATCHES, BACKWARD_GRIDS, BACKWARD_TOKENS = (16, 256), (1, 2), 576
 class MultiheadResampler(nn.Module):
     """The released resampler's forward, on nn.MultiheadAttention: the semantics users run today."""
 
-    def __init__(self, grid: int):
+    def __init__(self, grid: int, dim: int = DIM, heads: int = HEADS):
         super().__init__()
-        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(DIM, grid), requires_grad=False)
-        self.query = nn.Parameter(torch.randn(grid * grid, DIM) * 0.02)
-        self.attn = nn.MultiheadAttention(DIM, HEADS, batch_first=True)
-        self.ln_q = nn.LayerNorm(DIM, eps=1e-6)
-        self.ln_kv = nn.LayerNorm(DIM, eps=1e-6)
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, grid), requires_grad=False)
+        self.query = nn.Parameter(torch.randn(grid * grid, dim) * 0.02)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ln_q = nn.LayerNorm(dim, eps=1e-6)
+        self.ln_kv = nn.LayerNorm(dim, eps=1e-6)
 
     def weights(self) -> list[torch.Tensor]:
         return [self.query, self.pos_embed, self.attn.in_proj_weight, self.attn.in_proj_bias,
