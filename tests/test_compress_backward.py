@@ -190,29 +190,3 @@ def test_weights_trained_through_the_kernel_change_the_next_forward(device):
         expected = compress_ref(x, *[w.detach() for w in weights], heads, query_pos=False)
     assert (after - before).abs().max() > 1e-3
     torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("capability,shared,dtype,queries,runs", [
-    (90, 232448, torch.bfloat16, 1, True),     # H100/H200: 144 KB (one stage) and 176 KB (two) fit
-    (90, 232448, torch.bfloat16, 4, False),    # C=2: 240 KB, what the H200 refused
-    (90, 232448, torch.float32, 1, False),     # fp32: no config (its FMA dots collapse the kernel)
-    (80, 166912, torch.float16, 1, True),      # A100: the one-stage config
-    (86, 101376, torch.bfloat16, 1, False),    # RTX 3090/4090: 99 KB
-])
-def test_backward_dispatch_rule(capability, shared, dtype, queries, runs, monkeypatch):
-    monkeypatch.setattr(kernel_backward, "device_limits", lambda device: (capability, shared))
-    assert kernel_backward.backward_runs(8, queries, 1024, dtype, "cuda") is runs
-
-
-def test_training_runs_the_projected_form_where_the_backward_kernel_does_not(monkeypatch):
-    """Where ``backward_runs`` says no, gradients still come, through the projected form."""
-    from llava_mini.kernels.compress import op
-
-    monkeypatch.setattr(op, "backward_runs", lambda *args: False)
-    ran = []
-    monkeypatch.setattr(op, "projected_heads", lambda *a, _f=op.projected_heads, **k: (ran.append(1), _f(*a, **k))[1])
-    weights = make_weights(32, 1, 5)
-    x = torch.randn(2, 25, 32)
-    grad = torch.randn(2, 1, 32)
-    assert assert_within_twice_torch_error(x, weights, grad, 2, query_pos=False) == 12
-    assert ran  # the absorbed op did not run

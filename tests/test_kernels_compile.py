@@ -69,13 +69,19 @@ def test_kernels_fit_every_arch():
     for dtype in ("float16", "bfloat16", "float32"):
         assert f"| compress C=1 | {dtype} | sm_90 (H100) |" in run.stdout
     assert "| compress C=1 | float32 | sm_86 (RTX 3090) | none of 4: projected form" in run.stdout
-    # the backward kernels (issue 20): both pre-fusion kernels in every dtype; the compressor's where
-    # training runs it (fp16/bf16, C=1, A100 and H100), the projected form elsewhere
+    # the backward kernels (issue 20): both pre-fusion kernels in every dtype; both of the compressor's
+    # wherever the forward takes the absorbed form (C=1 and 2 in fp16/bf16 on every arch, fp32 C=1 on
+    # A100/H100), the projected form elsewhere
     for kernel in ("dkdv", "dq"):
         for dtype in ("float16", "bfloat16", "float32"):
             assert f"| prefusion backward ({kernel}) | {dtype} | sm_86 (RTX 3090) | 1 of 1 |" in run.stdout
-    assert "| compress backward C=1 | bfloat16 | sm_90 (H100) | 2 of 2 |" in run.stdout
-    assert "| compress backward C=2 | bfloat16 | sm_90 (H100) | none of 2: projected form under autograd" in run.stdout
+    for kernel in ("scores", "rows"):
+        for size, dtype, gpu in (("C=1", "bfloat16", "sm_86 (RTX 3090)"), ("C=2", "bfloat16", "sm_90 (H100)"),
+                                 ("C=1", "float32", "sm_80 (A100)")):
+            assert f"| compress backward ({kernel}) {size} | {dtype} | {gpu} | 4 of 4 |" in run.stdout
+        assert (f"| compress backward ({kernel}) C=1 | float32 | sm_86 (RTX 3090) | none considered at this shape: "
+                "projected form under autograd") in run.stdout or \
+            f"| compress backward ({kernel}) C=1 | float32 | sm_86 (RTX 3090) | not run here" in run.stdout
 
 
 @pytest.mark.slow

@@ -18,10 +18,10 @@ The dispatch rule: the autotuner considers the configs whose register tile fits
 is kept (the check asserts both against the compiles). The split rule assumes
 ``RESIDENT_PROGRAMS_PER_SM``; the check asserts every kept config has that occupancy.
 
-The backward kernel (``backward.py``) as ``absorbed_attention_backward`` launches it, at the same
-shapes and batches, writing dx and the score gradients (the key table trains): its rule is
-``backward_configs`` (fp16/bf16 configs whose shared memory fits; none for fp32), and training runs
-it exactly where ``backward_runs`` says (elsewhere the projected form under autograd).
+The backward kernels (``backward.py``, scores and rows) as ``absorbed_attention_backward`` launches
+them, at the same shapes and batches, writing dx and the score gradients (the key table trains):
+every config is kept on every arch (they work in channel chunks), so the check asserts that each
+fits and none spills, wherever training takes the absorbed form (where the forward does).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from llava_mini.kernels.aot import LaunchCase, record_launches
+from llava_mini.kernels.gpus import ARCHS
 from llava_mini.kernels.compress import backward
 from llava_mini.kernels.compress import triton as kernel
 
@@ -55,17 +56,17 @@ def launch(compressor_size: int, tokens: int, batch: int, dtype: torch.dtype, sp
     return recorded
 
 
-def backward_launch(compressor_size: int, tokens: int, batch: int, dtype: torch.dtype, splits: int):
-    """The backward kernel's launch for LLaVA-Mini's compressor, recorded without running it."""
+def backward_launches(compressor_size: int, tokens: int, batch: int, dtype: torch.dtype, splits: int):
+    """The backward kernels' launches (scores, then rows) for LLaVA-Mini's compressor, recorded
+    without running them."""
     def meta(*shape, dtype=dtype):
         return torch.empty(*shape, dtype=dtype, device="meta")
 
     hq = HEADS * compressor_size ** 2
-    [recorded] = record_launches(backward, backward.absorbed_attention_backward, meta(hq, batch, DIM),
-                                 meta(batch, tokens, DIM), meta(hq, DIM), meta(tokens, hq, dtype=torch.float32), None,
-                                 None, None, None, 1e-5, meta(hq, batch, DIM), meta(hq, batch, dtype=torch.float32),
-                                 splits=splits)
-    return recorded
+    return record_launches(backward, backward.absorbed_attention_backward, meta(hq, batch, DIM),
+                           meta(batch, tokens, DIM), meta(hq, DIM), meta(tokens, hq, dtype=torch.float32), None,
+                           None, None, None, 1e-5, meta(hq, batch, DIM), meta(hq, batch, dtype=torch.float32),
+                           splits=splits)
 
 
 def product_launches():
@@ -80,21 +81,22 @@ def product_launches():
 
 
 def backward_cases() -> list[LaunchCase]:
+    """Both backward kernels at every product launch: every config on the archs where training takes
+    the absorbed form (where the forward does), none on the others (the projected form runs)."""
     cases = []
     for size, tokens, batch, splits, shape, dtype in product_launches():
-        recorded = backward_launch(size, tokens, batch, dtype, splits)
-        block_hq, block_d = recorded.args["BLOCK_HQ"], recorded.args["BLOCK_D"]
-
-        def keeps(config, arch, dtype=dtype, block_hq=block_hq, block_d=block_d):
-            return config in backward.backward_configs(dtype, block_hq, block_d, arch.shared_per_block)
-
-        def picked(arch, dtype=dtype, block_hq=block_hq, block_d=block_d):
-            return bool(backward.backward_configs(dtype, block_hq, block_d, arch.shared_per_block))
-
-        cases.append(LaunchCase(
-            "compress backward", shape, dtype, backward._absorbed_backward_kernel, recorded.args, keeps,
-            backward.MAX_SPILL_BYTES, configs=tuple(backward.backward_configs(dtype, block_hq, block_d)),
-            picked=picked, fallback="projected form under autograd", group=f"C={size}"))
+        absorbed = tuple(a for a in ARCHS
+                         if kernel.choose_form_for(HEADS, size ** 2, DIM, dtype, a.shared_per_block) == "absorbed")
+        projected = tuple(a for a in ARCHS if a not in absorbed)
+        for name, recorded in zip(("scores", "rows"), backward_launches(size, tokens, batch, dtype, splits)):
+            common = dict(kernel=f"compress backward ({name})", shape=shape, dtype=dtype, autotuner=recorded.kernel,
+                          args=recorded.args, keeps=lambda config, arch: True,
+                          max_spill_bytes=backward.MAX_SPILL_BYTES, fallback="projected form under autograd",
+                          group=f"C={size}")
+            if absorbed:
+                cases.append(LaunchCase(**common, archs=absorbed))
+            if projected:
+                cases.append(LaunchCase(**common, archs=projected, configs=(), picked=lambda arch: False))
     return cases
 
 

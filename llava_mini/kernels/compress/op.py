@@ -20,7 +20,7 @@ from torch.utils.flop_counter import register_flop_formula
 import torch.nn.functional as F
 
 from llava_mini.kernels.compress import triton as fused
-from llava_mini.kernels.compress.backward import absorbed_attention_backward, backward_flops, backward_runs
+from llava_mini.kernels.compress.backward import absorbed_attention_backward, backward_flops
 from llava_mini.kernels.compress.ref import compress_ref, to_dense
 from llava_mini.kernels.compress.triton import (Layout, absorbed_attention, check_inputs, choose_form, compress_triton,
                                                 derive_weights, projected_heads, score_inputs, score_tables,
@@ -156,13 +156,11 @@ def _absorbed_attention_backward_flop_formula(dy, x, queries, *args, out_val=Non
 def compress_differentiable(x, weights, num_heads, eps, *, query_pos, key_pos, grid_sizes, cu_seqlens,
                             key_padding_mask, attn_mask) -> torch.Tensor:
     """``compress`` under autograd: the weight-derived tensors computed afresh (differentiable, not
-    cached), the absorbed kernel as ``absorbed_attention_op`` (fused backward) where its backward
-    kernel runs (``backward_runs``), else the projected form's matmuls and SDPA, then the value
-    projection and out_proj."""
+    cached), the absorbed kernel as ``absorbed_attention_op`` (fused backward) where ``choose_form``
+    picks the absorbed form, else the projected form's matmuls and SDPA, then the value projection
+    and out_proj."""
     dim, num_queries = x.shape[-1], weights[0].shape[0]
     form = fused.choose_form(num_heads, num_queries, dim, x.dtype, x.device)
-    if form == "absorbed" and not backward_runs(num_heads, num_queries, dim, x.dtype, x.device):
-        form = "projected"  # e.g. fp32, or C=2 (its backward needs 240 KB of shared memory)
     layout = Layout.of(x, key_pos, grid_sizes, cu_seqlens)
     fused.check_kernel_device(x)
     derived = derive_weights(form, x.dtype, *weights, num_heads=num_heads, eps=eps, query_pos=query_pos,
