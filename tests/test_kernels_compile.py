@@ -80,8 +80,7 @@ def test_kernels_fit_every_arch():
                                  ("C=1", "float32", "sm_80 (A100)")):
             assert f"| compress backward ({kernel}) {size} | {dtype} | {gpu} | 4 of 4 |" in run.stdout
         assert (f"| compress backward ({kernel}) C=1 | float32 | sm_86 (RTX 3090) | none considered at this shape: "
-                "projected form under autograd") in run.stdout or \
-            f"| compress backward ({kernel}) C=1 | float32 | sm_86 (RTX 3090) | not run here" in run.stdout
+                "projected form under autograd") in run.stdout
 
 
 @pytest.mark.slow

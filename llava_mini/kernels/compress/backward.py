@@ -69,7 +69,7 @@ def new_gradient(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-_AUTOTUNE_KEY = ["rows_per_split", "D", "BLOCK_HQ", "VARLEN", "KEY_TABLE", "KEY_GRID", "HAS_MASK"]
+_AUTOTUNE_KEY = ["rows_per_split", "D", "BLOCK_HQ", "VARLEN"]
 
 
 @triton.jit(do_not_specialize=["B", "num_splits"])
@@ -177,8 +177,7 @@ def _rows_backward_kernel(
     dx_ptr, dqueries_ptr,
     B, N, D, HQ, rows_per_split, num_splits,
     stride_xb, stride_xn, stride_xd, stride_dxb, stride_dxn,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    VARLEN: tl.constexpr, KEY_TABLE: tl.constexpr, KEY_GRID: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr, VARLEN: tl.constexpr,
     STORE_DX: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Per (image, split of its rows, chunk of channels): dx of those rows and channels, and the
@@ -243,8 +242,9 @@ def _autotuned(kernel, name: str, dtype: torch.dtype, key: list):
 
 
 # Module attributes (the ahead-of-time check records launches by swapping them).
-_scores_half = _autotuned(_scores_backward_kernel, "scores", torch.float16, _AUTOTUNE_KEY)
-_scores_fp32 = _autotuned(_scores_backward_kernel, "scores", torch.float32, _AUTOTUNE_KEY)
+_SCORES_KEY = _AUTOTUNE_KEY + ["KEY_TABLE", "KEY_GRID", "HAS_MASK"]
+_scores_half = _autotuned(_scores_backward_kernel, "scores", torch.float16, _SCORES_KEY)
+_scores_fp32 = _autotuned(_scores_backward_kernel, "scores", torch.float32, _SCORES_KEY)
 _rows_half = _autotuned(_rows_backward_kernel, "rows", torch.float16, _AUTOTUNE_KEY + ["STORE_DX"])
 _rows_fp32 = _autotuned(_rows_backward_kernel, "rows", torch.float32, _AUTOTUNE_KEY + ["STORE_DX"])
 
@@ -298,8 +298,7 @@ def absorbed_attention_backward(dy, x, queries, key_table, key_grid, grid_sizes,
     starts, lengths, varlen, (stride_xb, stride_xn, stride_xd) = fused.launch_layout(x, layout)
     stride_dxb, stride_dxn, _ = fused.row_strides(dx) if dx is not None else (0, 0, 1)
     block_hq = fused.block_sizes(hq, dim)[0]
-    flags = dict(BLOCK_HQ=block_hq, VARLEN=varlen, KEY_TABLE=key_table is not None, KEY_GRID=key_grid is not None,
-                 HAS_MASK=scores.mask is not None, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    flags = dict(BLOCK_HQ=block_hq, VARLEN=varlen, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
     scores_kernel, rows_kernel = autotuned_kernels(x.dtype)
     if batch and rows:
         scores_kernel[(batch, splits)](
@@ -311,7 +310,8 @@ def absorbed_attention_backward(dy, x, queries, key_table, key_grid, grid_sizes,
             batch, rows, dim, hq, rows_per_split, splits, key_grid.shape[1] if key_grid is not None else 0,
             stride_xb, stride_xn, stride_xd, fused.key_table_stride(key_table, hq),
             scores.mask.stride(0) if scores.mask is not None else 0,
-            eps, **flags,
+            eps, KEY_TABLE=key_table is not None, KEY_GRID=key_grid is not None, HAS_MASK=scores.mask is not None,
+            **flags,
         )
         rows_kernel[lambda meta: (batch, splits, triton.cdiv(dim, meta["BLOCK_D"]))](
             x, queries, starts, lengths, dy, probs, dscores, row_stats,
